@@ -1,0 +1,37 @@
+"""simsearch: image similarity search and duplicate finding with Keras backbones and FAISS.
+
+The public API is importable without TensorFlow; models are built only when something is embedded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SimIndex": "api",
+    "Match": "api",
+    "default_index_path": "api",
+    "embed": "embed",
+    "Embedder": "embed",
+    "EmbedResult": "embed",
+    "load_backbone": "backbones",
+    "list_backbones": "backbones",
+    "DEFAULT_BACKBONE": "backbones",
+    "find_duplicates": "dedup",
+    "DedupReport": "dedup",
+    "SimsearchError": "errors",
+    "load_image": "images",
+    "find_images": "images",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'simsearch' has no attribute {name!r}")

@@ -1,0 +1,254 @@
+"""The Python API: build or open an index, sync folders into it, search it, find duplicates.
+
+from simsearch import SimIndex
+idx = SimIndex.open_or_create("indexes/photos")
+idx.add_folder("~/Photos")
+for m in idx.search("query.jpg", k=5):
+    print(m.score, m.path)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backbones import DEFAULT_BACKBONE
+from .errors import BadInputError, IndexMismatchError
+from .store import IndexStore
+from .sync import ProgressFn, SyncReport, sync_folder
+
+
+@dataclass
+class Match:
+    """One search hit: the indexed file, its cosine similarity to the query, and its index id."""
+
+    path: str
+    score: float
+    id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "score": round(self.score, 6)}
+
+
+def default_index_path(folder: str | Path) -> Path:
+    """`indexes/<folder name>` under the current directory."""
+    name = Path(os.path.abspath(Path(folder).expanduser())).name or "root"
+    return Path.cwd() / "indexes" / name
+
+
+class SimIndex:
+    """An index directory plus the embedder that made it (built lazily: only new images need the model)."""
+
+    def __init__(self, store: IndexStore, embedder_options: dict[str, Any] | None = None) -> None:
+        self.store = store
+        self._embedder: Any = None
+        self._options = embedder_options or {}
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        backbone: str = DEFAULT_BACKBONE,
+        weights: str | Path | None = "imagenet",
+        pooling: str = "avg",
+        fit: str | None = None,
+        precision: str | None = None,
+        engine: str = "auto",
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> SimIndex:
+        """Create an empty index for a backbone (builds the model to learn its signature)."""
+        from .embed import Embedder
+
+        kw = _embed_kwargs(fit, precision)
+        emb = Embedder(backbone, weights=weights, pooling=pooling, batch_size=batch_size, engine=engine,
+                       seed=seed, **kw)  # fmt: skip
+        store = IndexStore.create(path, {**emb.signature(), "seed": seed})
+        idx = cls(store)
+        idx._embedder = emb
+        return idx
+
+    @classmethod
+    def open(cls, path: str | Path, engine: str = "auto", batch_size: int = 32) -> SimIndex:
+        """Open an existing index; the embedder is rebuilt from its manifest when first needed."""
+        return cls(IndexStore.open(path), {"engine": engine, "batch_size": batch_size})
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, **create_options: Any) -> SimIndex:
+        if IndexStore.exists(path):
+            idx = cls.open(path, engine=create_options.get("engine", "auto"),
+                           batch_size=create_options.get("batch_size", 32))  # fmt: skip
+            idx.check_backbone(create_options)
+            return idx
+        return cls.create(path, **create_options)
+
+    def check_backbone(self, options: dict[str, Any]) -> None:
+        """Refuse options that would change the model of an existing index."""
+        sig = self.store.signature
+        from .backbones import resolve
+
+        if options.get("backbone") and resolve(options["backbone"]).name != sig["backbone"]:
+            raise IndexMismatchError(
+                f"index {self.store.path} was built with backbone {sig['backbone']}, not {options['backbone']}; "
+                f"use --rebuild to re-index it with {options['backbone']}, or choose another --index"
+            )
+        for key in ("pooling", "fit", "precision"):
+            if options.get(key) and options[key] != sig.get(key):
+                raise IndexMismatchError(
+                    f"index {self.store.path} uses {key}={sig.get(key)}, not {options[key]}; use --rebuild to change it"
+                )
+        w = options.get("weights")
+        if w is not None and str(w).lower() not in ("imagenet", "none", "random"):
+            from .backbones import file_digest
+
+            p = Path(w).expanduser()
+            if not p.is_file():
+                raise BadInputError(f"weights file not found: {p}")
+            if file_digest(p) != sig.get("weights_digest"):
+                raise IndexMismatchError(
+                    f"index {self.store.path} was built with other weights ({sig.get('weights')}); "
+                    "use --rebuild to re-index with these weights"
+                )
+        elif w is not None and _weights_label(w) != sig.get("weights"):
+            raise IndexMismatchError(
+                f"index {self.store.path} was built with weights {sig.get('weights')}, not {w}; use --rebuild"
+            )
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from .embed import Embedder
+
+            sig = self.store.signature
+            weights = None if sig["weights"] == "none" else sig["weights"]
+            self._embedder = Embedder(
+                sig["backbone"], weights=weights, pooling=sig["pooling"], fit=sig["fit"],
+                precision=sig.get("precision", "fp32"), input_size=sig["input_size"], seed=sig.get("seed", 0),
+                **self._options,
+            )  # fmt: skip
+            self.store.check_signature(self._embedder.signature())
+        return self._embedder
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> SimIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- writing ----------------------------------------------------------------------------------------------
+    def add_folder(self, folder: str | Path, progress: ProgressFn | None = None, commit_every: int = 256) -> SyncReport:
+        """Sync a folder into the index (add new, re-embed changed, drop deleted files); holds the write lock."""
+        self.store.acquire_lock()
+        try:
+            return sync_folder(self.store, self.embedder, folder, progress=progress, commit_every=commit_every)
+        finally:
+            self.store.release_lock()
+
+    def rebuild(self, backbone_options: dict[str, Any]) -> None:
+        """Empty the index and adopt a (possibly new) model; the next `add_folder` re-embeds everything."""
+        from .embed import Embedder
+
+        opts = {k: v for k, v in backbone_options.items() if v is not None}
+        seed = opts.pop("seed", 0)
+        self.store.acquire_lock()
+        try:
+            sig = self.store.signature
+            opts.setdefault("backbone", sig["backbone"])
+            opts.setdefault("pooling", sig["pooling"])
+            opts.setdefault("fit", sig["fit"])
+            opts.setdefault("precision", sig.get("precision", "fp32"))
+            if "weights" not in opts:
+                opts["weights"] = None if sig["weights"] == "none" else sig["weights"]
+            self._embedder = Embedder(**opts, seed=seed, **self._options)
+            self.store.reset({**self._embedder.signature(), "seed": seed})
+        finally:
+            self.store.release_lock()
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.store.count()
+
+    def vector_for(self, query: Any) -> np.ndarray:
+        """The embedding of a query: an indexed id, an indexed unchanged file (stored vector), or any image."""
+        if isinstance(query, (int, np.integer)):
+            try:
+                return self.store.vectors([int(query)])[0]
+            except KeyError:
+                raise BadInputError(f"no image with id {query} in the index") from None
+        if isinstance(query, (str, Path)):
+            p = Path(query).expanduser()
+            if not p.exists():
+                raise BadInputError(f"query image not found: {p}")
+            row = self.store.row_by_path(os.path.abspath(p))
+            if row is not None:
+                st = p.stat()
+                if st.st_size == row.size and st.st_mtime_ns == row.mtime_ns:
+                    return self.store.vectors([row.id])[0]
+            query = str(p)
+        return self.embedder.embed_one(query)
+
+    def search(self, query: Any, k: int = 10, min_score: float | None = None) -> list[Match]:
+        """The k nearest indexed images to `query` (path, PIL image, array or id), best first."""
+        return self.search_vectors(self.vector_for(query)[None], k, min_score, self._self_id(query))[0]
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 10, min_score: float | None = None, first_id: int | None = None
+    ) -> list[list[Match]]:
+        if k < 1:
+            raise BadInputError("k must be at least 1")
+        scores, ids = self.store.search(vectors, k)
+        rows = self.store.rows({int(i) for i in ids.ravel() if i >= 0})
+        out = []
+        for srow, irow in zip(scores, ids, strict=True):
+            hits = [
+                Match(rows[int(i)].path, float(min(1.0, max(-1.0, s))), int(i))
+                for s, i in zip(srow, irow, strict=True)
+                if i >= 0 and int(i) in rows and (min_score is None or s >= min_score)
+            ]
+            # Exact duplicates tie at 1.0: the query's own entry goes first.
+            hits.sort(key=lambda m: (-round(m.score, 6), m.id != first_id, m.path))
+            out.append(hits)
+        return out
+
+    def _self_id(self, query: Any) -> int | None:
+        if isinstance(query, (int, np.integer)):
+            return int(query)
+        if isinstance(query, (str, Path)):
+            row = self.store.row_by_path(os.path.abspath(Path(query).expanduser()))
+            return row.id if row else None
+        return None
+
+    def info(self) -> dict[str, Any]:
+        m = dict(self.store.manifest)
+        m["path"] = str(self.store.path)
+        m["counts"] = {"images": self.store.count(), "failed": self.store.failed_count()}
+        m["generation_committed"] = self.store.generation
+        return m
+
+
+def _weights_label(w: str) -> str:
+    return "none" if str(w).lower() in ("none", "random") else str(w).lower()
+
+
+def _embed_kwargs(fit: str | None, precision: str | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if fit:
+        kw["fit"] = fit
+    if precision:
+        kw["precision"] = precision
+    return kw
+
+
+def match_dicts(matches: list[Match]) -> list[dict[str, Any]]:
+    return [m.to_json() for m in matches]
+
+
+__all__ = ["SimIndex", "Match", "default_index_path", "SyncReport"]

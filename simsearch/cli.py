@@ -1,0 +1,307 @@
+"""The `simsearch` command line: a thin layer over the Python API.
+
+Exit codes: 0 success, 1 bad usage or input, 2 index missing or not matching, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from .errors import BadInputError, IndexNotFoundError, SimsearchError
+
+
+class _Group(TyperGroup):
+    """Maps every failure to a one-line message and our exit codes (click would use 2 for usage errors)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(1)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            print("simsearch: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except SimsearchError as e:
+            print(f"simsearch: error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="Image similarity search and duplicate finding: index a folder, query similar images, clean duplicates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: the only one under ./indexes).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text.")
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    typer.echo(json.dumps(obj, indent=None, ensure_ascii=False))
+
+
+def _resolve_index(index: Path | None) -> Path:
+    if index is not None:
+        return index.expanduser()
+    home = Path.cwd() / "indexes"
+    found = sorted(p for p in home.glob("*") if (p / "manifest.json").is_file()) if home.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise IndexNotFoundError("no index given and none under ./indexes; pass --index PATH")
+    raise BadInputError(f"several indexes under ./indexes ({', '.join(p.name for p in found)}); pass --index PATH")
+
+
+class _Progress:
+    """A one-line progress bar with rate and ETA on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if not self.tty or (now - self.last < 0.2 and done < total):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0
+        width = 30
+        filled = int(width * done / total) if total else width
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {rate:6.1f} img/s ETA {_hms(eta)}  ")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@app.command("index")
+def index_cmd(
+    folder: Path = typer.Argument(..., help="Folder of images to index (recursively)."),
+    index: Path | None = typer.Option(None, "--index", "-i", help="Index directory (default ./indexes/<folder name>)."),
+    backbone: str | None = typer.Option(None, "--backbone", "-b", help="Backbone name or .keras file."),
+    weights: str | None = typer.Option(None, "--weights", "-w", help="'imagenet', 'none', or a local weights file."),
+    pooling: str | None = typer.Option(None, "--pooling", help="avg, max or gem."),
+    fit: str | None = typer.Option(None, "--fit", help="resize (whole image), crop (centre) or pad."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or int8 (TFLite engine)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (TFLite, else Keras), tflite or keras."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per inference batch."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Discard the index contents and re-embed everything."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build or update (sync) an index of FOLDER. Run it again to add new, changed and removed files."""
+    from .api import SimIndex, default_index_path
+    from .store import IndexStore
+    from .sync import SyncInterrupted
+
+    if not folder.expanduser().exists():
+        raise BadInputError(f"folder not found: {folder}")
+    path = (index or default_index_path(folder)).expanduser()
+    opts = {"backbone": backbone, "weights": weights, "pooling": pooling, "fit": fit, "precision": precision}
+    if IndexStore.exists(path):
+        idx = SimIndex.open(path, engine=engine, batch_size=batch_size)
+        if rebuild:
+            idx.rebuild(opts)
+        else:
+            idx.check_backbone(opts)
+    else:
+        idx = SimIndex.create(path, **{k: v for k, v in opts.items() if v is not None}, engine=engine,
+                              batch_size=batch_size)  # fmt: skip
+    with idx:
+        try:
+            report = idx.add_folder(folder, progress=_Progress("indexing"))
+        except SyncInterrupted as e:
+            r = e.report
+            print(
+                f"simsearch: interrupted; {r.indexed} images committed ({r.total} found). "
+                f"Run the same command again to resume.",
+                file=sys.stderr,
+            )
+            if as_json:
+                _emit(r.to_json())
+            raise typer.Exit(130) from None
+    if as_json:
+        _emit(report.to_json())
+        return
+    rate = report.embedded / report.seconds if report.seconds else 0.0
+    typer.echo(
+        f"Indexed {report.total} images in {report.seconds:.1f} s into {report.index}: "
+        f"{report.added} added, {report.updated} updated, {report.removed} removed, "
+        f"{report.unchanged} unchanged, {report.moved} moved, {len(report.skipped)} skipped "
+        f"({report.embedded} embedded, {rate:.1f} img/s)."
+    )
+    for s in report.skipped[:20]:
+        typer.echo(f"  skipped {s['path']}: {s['error']}", err=True)
+    if len(report.skipped) > 20:
+        typer.echo(f"  ... and {len(report.skipped) - 20} more (see --json)", err=True)
+
+
+@app.command("query")
+def query_cmd(
+    images: list[Path] = typer.Argument(..., help="Query image file(s), indexed or not."),
+    index: Path | None = IndexOpt,
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours."),
+    min_score: float | None = typer.Option(None, "--min-score", help="Only matches with cosine >= this."),
+    engine: str = typer.Option("auto", "--engine", help="auto, tflite or keras (for images not in the index)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Find the indexed images most similar to each IMAGE (cosine similarity, 1.0 = identical)."""
+    from .api import SimIndex
+
+    with SimIndex.open(_resolve_index(index), engine=engine) as idx:
+        results = []
+        for img in images:
+            matches = idx.search(img, k=k, min_score=min_score)
+            results.append({"query": os.path.abspath(img.expanduser()), "matches": [m.to_json() for m in matches]})
+    if as_json:
+        _emit({"results": results})
+        return
+    for r in results:
+        typer.echo(f"query: {r['query']}")
+        if not r["matches"]:
+            typer.echo("  (no matches)")
+        for rank, m in enumerate(r["matches"], 1):
+            typer.echo(f"  {rank:>3}  {m['score']:.4f}  {m['path']}")
+
+
+@app.command("info")
+def info_cmd(index: Path | None = IndexOpt, as_json: bool = JsonOpt) -> None:
+    """Show an index's model, counts and files."""
+    from .api import SimIndex
+
+    with SimIndex.open(_resolve_index(index)) as idx:
+        data = idx.info()
+    if as_json:
+        _emit(data)
+        return
+    for key in ("path", "backbone", "weights", "input_size", "pooling", "fit", "precision", "dim", "faiss_index",
+                "created", "updated"):  # fmt: skip
+        typer.echo(f"{key + ':':<13}{data.get(key)}")
+    typer.echo(f"{'images:':<13}{data['counts']['images']}")
+    typer.echo(f"{'failed:':<13}{data['counts']['failed']}")
+
+
+@app.command("backbones")
+def backbones_cmd(as_json: bool = JsonOpt) -> None:
+    """List the available backbones: name, embedding size, input size, weights available offline."""
+    from .backbones import DEFAULT_BACKBONE, list_backbones
+
+    rows = list_backbones()
+    if as_json:
+        _emit({"default": DEFAULT_BACKBONE, "backbones": [
+            {"name": b.name, "family": b.family, "dim": b.dim, "input_size": b.input_size,
+             "offline": b.offline} for b in rows]})  # fmt: skip
+        return
+    typer.echo(f"{'name':<22}{'dim':>6}{'input':>7}  weights offline")
+    for b in rows:
+        mark = "yes" if b.offline else "no (downloads on first use)"
+        default = "  (default)" if b.name == DEFAULT_BACKBONE else ""
+        typer.echo(f"{b.name:<22}{b.dim or '?':>6}{b.input_size:>7}  {mark}{default}")
+
+
+@app.command("dedup")
+def dedup_cmd(
+    index: Path | None = IndexOpt,
+    threshold: float | None = typer.Option(None, "--threshold", "-t", help="Near-duplicate cosine threshold."),
+    group: str = typer.Option(
+        "connected", "--group", help="connected (components) or star (all within T of the kept file)."
+    ),
+    keep: str | None = typer.Option(
+        None, "--keep", help="Ordered keep rules, e.g. resolution,size,oldest,shortest-path."
+    ),
+    prefer: list[Path] = typer.Option([], "--prefer", help="Folder whose files are always kept (repeatable)."),
+    exact_only: bool = typer.Option(False, "--exact-only", help="Only byte-identical copies."),
+    explain: tuple[Path, Path] | None = typer.Option(
+        None, "--explain", help="Score two files and say why they are (not) grouped."
+    ),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Find groups of exact copies and near-duplicate images in an index (report only)."""
+    from .api import SimIndex
+    from .dedup import DEFAULT_THRESHOLD, explain_pair, find_duplicates
+
+    t = DEFAULT_THRESHOLD if threshold is None else threshold
+    with SimIndex.open(_resolve_index(index)) as idx:
+        if explain:
+            text, data = explain_pair(idx, explain[0], explain[1], t)
+            _emit(data) if as_json else typer.echo(text)
+            return
+        report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=[str(p) for p in prefer],
+                                 near=not exact_only)  # fmt: skip
+    if as_json:
+        _emit(report.to_json())
+        return
+    for g in report.groups:
+        typer.echo(f"{g.kind} group ({len(g.files)} files, min score {g.min_score:.4f}):")
+        for f, s in zip(g.files, g.scores, strict=True):
+            typer.echo(f"  {'keep' if f == g.keep else '    '}  {s:.4f}  {f}")
+    n_exact = sum(g.kind == "exact" for g in report.groups)
+    typer.echo(
+        f"{len(report.groups)} groups ({n_exact} exact, {len(report.groups) - n_exact} near at threshold "
+        f"{report.threshold}); {report.duplicates} files could be removed."
+    )
+
+
+@app.command("demo")
+def demo_cmd(
+    folder: Path | None = typer.Argument(None, help="A folder of your own images (default: generate a demo folder)."),
+    index: Path | None = typer.Option(None, "--index", "-i", help="Index directory (default ./indexes/<folder name>)."),
+) -> None:
+    """Index a folder (or a generated demo folder), then show a query and the duplicates: the whole job in one go."""
+    from .demo import make_demo_folder
+    from .images import find_images
+
+    if folder is None:
+        folder = Path.cwd() / "simsearch-demo"
+        make_demo_folder(folder)
+        typer.echo(f"Generated demo pictures in {folder} (24 scenes + 5 edited copies)")
+    if not folder.expanduser().exists():
+        raise BadInputError(f"folder not found: {folder}")
+    idx_path = index or None
+    typer.echo(f"$ simsearch index {folder}")
+    ctx = click.get_current_context()
+    ctx.invoke(index_cmd, folder=folder, index=idx_path, backbone=None, weights=None, pooling=None,
+               fit=None, precision=None, engine="auto", batch_size=32, rebuild=False, as_json=False)  # fmt: skip
+    from .api import default_index_path
+
+    ipath = idx_path or default_index_path(folder)
+    edited = folder / "edited" / "scene-00-small.jpg"
+    q = edited if edited.exists() else next(iter(find_images(folder, exclude=[ipath])), None)
+    if q is None:
+        raise BadInputError(f"no images found in {folder}")
+    typer.echo(f"\n$ simsearch query {q} --index {ipath} -k 5")
+    ctx.invoke(query_cmd, images=[q], index=ipath, k=5, min_score=None, engine="auto", as_json=False)
+    typer.echo(f"\n$ simsearch dedup --index {ipath}")
+    ctx.invoke(dedup_cmd, index=ipath, threshold=None, group="connected", keep=None, prefer=[], exact_only=False,
+               explain=None, as_json=False)  # fmt: skip
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

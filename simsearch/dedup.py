@@ -1,0 +1,171 @@
+"""Duplicate groups from an index: exact copies (same sha256) and near duplicates (cosine >= threshold).
+
+Exact copies collapse to one representative each (the one the keep rules prefer); near-duplicate search then runs
+over the representatives only, with FAISS-sized memory (no N x N matrix) and union-find or star grouping. So every
+file that could go is counted once: `duplicates` = sum over groups of (size - 1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInputError
+from .store import IndexStore, Row
+
+DEFAULT_THRESHOLD = 0.90
+GROUP_MODES = ("connected", "star")
+KEEP_RULES = ("resolution", "size", "oldest", "newest", "shortest-path", "longest-path")
+DEFAULT_KEEP = ("resolution", "size", "oldest", "shortest-path")
+
+
+@dataclass
+class DupGroup:
+    """A group of duplicates; `files[0]` is the one the keep rules keep."""
+
+    kind: str  # "exact" or "near"
+    files: list[str]
+    min_score: float
+    ids: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # similarity of each file to files[0]
+
+    @property
+    def keep(self) -> str:
+        return self.files[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "files": self.files,
+            "min_score": round(float(self.min_score), 6),
+            "keep": self.keep,
+            "scores": [round(float(s), 6) for s in self.scores],
+        }
+
+
+@dataclass
+class DedupReport:
+    threshold: float
+    groups: list[DupGroup]
+    group_mode: str = "connected"
+    keep_rules: tuple[str, ...] = DEFAULT_KEEP
+
+    @property
+    def duplicates(self) -> int:
+        return sum(len(g.files) - 1 for g in self.groups)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "groups": [g.to_json() for g in self.groups],
+            "duplicates": self.duplicates,
+            "group": self.group_mode,
+            "keep": list(self.keep_rules),
+        }
+
+
+def parse_keep(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    if spec is None:
+        return DEFAULT_KEEP
+    rules = tuple(r.strip() for r in (spec.split(",") if isinstance(spec, str) else spec) if r.strip())
+    bad = [r for r in rules if r not in KEEP_RULES]
+    if bad:
+        raise BadInputError(f"unknown keep rule {bad[0]!r}; choose from {', '.join(KEEP_RULES)}")
+    return rules
+
+
+def keep_key(row: Row, rules: Sequence[str], prefer: Sequence[str] = ()) -> tuple:
+    """Sort key: smaller is better to keep. Files under a --prefer folder always come first."""
+    key: list[Any] = [0 if is_preferred(row.path, prefer) else 1]
+    for r in rules:
+        if r == "resolution":
+            key.append(-((row.width or 0) * (row.height or 0)))
+        elif r == "size":
+            key.append(-row.size)
+        elif r == "oldest":
+            key.append(row.mtime_ns)
+        elif r == "newest":
+            key.append(-row.mtime_ns)
+        elif r == "shortest-path":
+            key.append(len(row.path))
+        elif r == "longest-path":
+            key.append(-len(row.path))
+    key.append(row.path)
+    return tuple(key)
+
+
+def is_preferred(path: str, prefer: Sequence[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip(os.sep) + os.sep) for d in prefer)
+
+
+def find_duplicates(
+    store: IndexStore,
+    threshold: float = DEFAULT_THRESHOLD,
+    group: str = "connected",
+    keep: str | Sequence[str] | None = None,
+    prefer: Sequence[str] = (),
+    near: bool = True,
+) -> DedupReport:
+    """Group the index's files into exact and near-duplicate groups, kept file first in each."""
+    from .dedup_graph import connected_groups, group_min_scores, similar_pairs, star_groups
+
+    if group not in GROUP_MODES:
+        raise BadInputError(f"unknown group mode {group!r}; choose {' or '.join(GROUP_MODES)}")
+    if not -1.0 <= threshold <= 1.0:
+        raise BadInputError("threshold must be between -1 and 1")
+    rules = parse_keep(keep)
+    prefer = [os.path.abspath(os.path.expanduser(p)) for p in prefer]
+    rows = store.all_rows()
+    if not rows:
+        return DedupReport(threshold, [], group, rules)
+    ranked = sorted(rows, key=lambda r: keep_key(r, rules, prefer))
+    by_sha: dict[str, list[Row]] = {}
+    for r in ranked:
+        by_sha.setdefault(r.sha256, []).append(r)
+    groups = [
+        DupGroup("exact", [r.path for r in members], 1.0, [r.id for r in members], [1.0] * len(members))
+        for members in by_sha.values()
+        if len(members) > 1
+    ]
+    if near:
+        reps = [members[0] for members in by_sha.values()]  # in keep order: position = priority
+        vecs = store.vectors([r.id for r in reps])
+        i, j, s = similar_pairs(vecs, threshold)
+        n = len(reps)
+        if group == "star":
+            found = star_groups(n, i, j, s, np.arange(n))
+            mins = group_min_scores(found, i, j, s, centre_only=True)
+        else:
+            found = [np.sort(g) for g in connected_groups(n, i, j)]
+            mins = group_min_scores(found, i, j, s)
+        for g, low in zip(found, mins, strict=True):
+            members = [reps[int(x)] for x in g]
+            members.sort(key=lambda r: keep_key(r, rules, prefer))
+            ids = [m.id for m in members]
+            v = store.vectors(ids)
+            groups.append(DupGroup("near", [m.path for m in members], float(low), ids,
+                                   [float(min(1.0, x)) for x in v @ v[0]]))  # fmt: skip
+    groups.sort(key=lambda g: (g.kind != "exact", g.files[0]))
+    return DedupReport(threshold, groups, group, rules)
+
+
+def explain_pair(idx: Any, a: Any, b: Any, threshold: float) -> tuple[str, dict[str, Any]]:
+    """The cosine score of two files and why they are or are not near duplicates at `threshold`."""
+    va, vb = idx.vector_for(a), idx.vector_for(b)
+    score = float(min(1.0, np.dot(va, vb)))
+    pa, pb = (os.path.abspath(os.path.expanduser(str(x))) for x in (a, b))
+    ra, rb = idx.store.row_by_path(pa), idx.store.row_by_path(pb)
+    same = bool(ra and rb and ra.sha256 == rb.sha256)
+    if same:
+        why = "byte-identical files (same sha256): an exact group"
+    elif score >= threshold:
+        why = f"score {score:.4f} >= threshold {threshold}: near duplicates"
+    else:
+        why = f"score {score:.4f} < threshold {threshold}: not grouped (lower --threshold to group them)"
+    text = f"{pa}\n{pb}\nscore: {score:.4f}\n{why}"
+    return text, {"a": pa, "b": pb, "score": round(score, 6), "threshold": threshold,
+                  "exact": same, "grouped": same or score >= threshold, "reason": why}  # fmt: skip

@@ -1,0 +1,317 @@
+"""Turn images into L2-normalised float32 embeddings, streaming files through parallel decoders in batches.
+
+Decoding (Pillow releases the GIL) runs in worker threads while the model runs on the previous batch, so both cores
+stay busy and memory stays bounded by a fixed window of decoded images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from .errors import BadInputError
+from .images import FITS, ImageLoadError, load_image
+
+DEFAULT_FIT = "resize"
+ENGINES = ("auto", "tflite", "keras")
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_PRECISION = "fp32"
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
+
+
+@dataclass
+class FileRecord:
+    """One file through the pipeline: its identity, and either a vector, a reused hash, or an error."""
+
+    path: str
+    size: int = 0
+    mtime_ns: int = 0
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    vector: np.ndarray | None = None
+    error: str | None = None
+    known: bool = False  # content hash already in the index: not decoded, the stored vector is reused
+
+
+@dataclass
+class EmbedResult:
+    """Vectors for the inputs that could be read, in input order, and one-line errors for the rest."""
+
+    vectors: np.ndarray
+    sources: list[Any] = field(default_factory=list)
+    errors: list[tuple[Any, str]] = field(default_factory=list)
+
+
+class _KerasEngine:
+    def __init__(self, backbone: Backbone) -> None:
+        from ._keras import tensorflow
+
+        tf = tensorflow()
+        s = backbone.input_size
+        self._fn = tf.function(backbone.model, input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
+        self.name = "keras"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._fn(batch))
+
+
+def _tflite_engine(backbone: Backbone, precision: str, fit: str, representative: Callable | None) -> Any:
+    from . import tflite_exec
+
+    key = hashlib.sha256(repr(sorted(backbone.signature().items())).encode() + f"|{fit}".encode()).hexdigest()[:20]
+    path = tflite_exec.load_or_convert(
+        tflite_exec.default_cache_dir(), f"{backbone.info.name.replace('/', '_')[-40:]}-{key}",
+        lambda: backbone.model, precision=precision, representative=representative,
+    )  # fmt: skip
+    runner = tflite_exec.TFLiteRunner(path)
+    runner.name = f"tflite-{precision}"
+    return runner
+
+
+class Embedder:
+    """A backbone plus an execution engine plus the image pipeline; reuse one for many calls."""
+
+    def __init__(
+        self,
+        backbone: str | Backbone = DEFAULT_BACKBONE,
+        weights: str | Path | None = "imagenet",
+        pooling: str = "avg",
+        fit: str = DEFAULT_FIT,
+        batch_size: int = 32,
+        engine: str = "auto",
+        precision: str = DEFAULT_PRECISION,
+        workers: int | None = None,
+        seed: int = 0,
+        input_size: int | None = None,
+        representative: Iterable[Any] | None = None,
+    ) -> None:
+        if fit not in FITS:
+            raise BadInputError(f"unknown fit {fit!r}; choose one of {', '.join(FITS)}")
+        if engine not in ENGINES:
+            raise BadInputError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if precision not in PRECISIONS:
+            raise BadInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if engine == "keras" and precision != "fp32":
+            raise BadInputError("--precision fp16/int8 needs the tflite engine")
+        self.backbone = (
+            backbone
+            if isinstance(backbone, Backbone)
+            else load_backbone(backbone, weights=weights, pooling=pooling, input_size=input_size, seed=seed)
+        )
+        self.fit = fit
+        self.batch_size = max(1, int(batch_size))
+        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self.precision = precision
+        self._lock = threading.Lock()
+        self.engine = self._make_engine(engine, precision, representative)
+
+    def _make_engine(self, engine: str, precision: str, representative: Iterable[Any] | None) -> Any:
+        if engine == "keras":
+            return _KerasEngine(self.backbone)
+        rep = None
+        if precision == "int8" and representative is not None:
+            items = list(representative)
+            size = self.backbone.input_size
+
+            def rep() -> Iterator[np.ndarray]:
+                for item in items:
+                    try:
+                        yield self.backbone.preprocess(load_image(item, size, self.fit)[None])
+                    except ImageLoadError:
+                        continue
+
+        try:
+            return _tflite_engine(self.backbone, precision, self.fit, rep)
+        except Exception as e:  # any conversion or runtime failure: the Keras path still gives the same vectors
+            if engine == "tflite":
+                raise BadInputError(f"TFLite engine unavailable for {self.backbone.name}: {_one_line(e)}") from e
+            print(f"simsearch: warning: TFLite conversion failed ({_one_line(e)}); using Keras", file=sys.stderr)
+            self.precision = "fp32"
+            return _KerasEngine(self.backbone)
+
+    @property
+    def engine_name(self) -> str:
+        return getattr(self.engine, "name", "tflite")
+
+    def signature(self) -> dict[str, Any]:
+        """What must match between an index and the embedder that adds to or queries it."""
+        return {**self.backbone.signature(), "fit": self.fit, "precision": self.precision}
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.dim
+
+    def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """Embed a uint8 (N, S, S, 3) batch already at the model's input size."""
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        x = np.ascontiguousarray(self.backbone.preprocess(batch), dtype=np.float32)
+        with self._lock:
+            return l2_normalise(self.engine(x))
+
+    def _load(self, item: Any) -> np.ndarray:
+        return load_image(item, self.backbone.input_size, self.fit)
+
+    def embed(self, items: Iterable[Any]) -> EmbedResult:
+        """Embed paths, PIL images or arrays; unreadable inputs are reported in `errors`, never raised."""
+        items = list(items)
+        vecs, ok, errors = [], [], []
+        for chunk in _chunks(list(enumerate(items)), self.batch_size * 8):
+            pixels = []
+            with ThreadPoolExecutor(self.workers) as pool:
+                loaded = list(pool.map(lambda it: _try(self._load, it[1]), chunk))
+            for (_i, item), (arr, err) in zip(chunk, loaded, strict=True):
+                if err is None:
+                    pixels.append(arr)
+                    ok.append(item)
+                else:
+                    errors.append((item, err))
+            for b in _chunks(pixels, self.batch_size):
+                vecs.append(self.embed_pixels(np.stack(b)))
+        v = np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)
+        return EmbedResult(v, ok, errors)
+
+    def embed_one(self, item: Any) -> np.ndarray:
+        """Embed a single image; raises BadInputError with a one-line message when it cannot be read."""
+        try:
+            return self.embed_pixels(self._load(item)[None])[0]
+        except ImageLoadError as e:
+            raise BadInputError(str(e)) from e
+
+    def embed_files(
+        self,
+        paths: Iterable[str],
+        known_hash: Callable[[str], bool] | None = None,
+        prefetch: int | None = None,
+    ) -> Iterator[list[FileRecord]]:
+        """Stream files: read each once (stat, sha256, decode), embed in batches, yield records batch by batch.
+
+        Files whose sha256 `known_hash` accepts are not decoded (their stored vector is reused by the caller).
+        At most `prefetch` decoded images are held at once, so memory is flat in the number of files.
+        """
+        window = prefetch or self.batch_size * 3
+        s, fit = self.backbone.input_size, self.fit
+
+        def work(path: str) -> tuple[FileRecord, np.ndarray | None]:
+            return _read_and_decode(path, s, fit, known_hash)
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="simsearch-decode") as pool:
+            pending: deque[Future] = deque()
+            it = iter(paths)
+            batch: list[tuple[FileRecord, np.ndarray | None]] = []
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window:
+                    try:
+                        pending.append(pool.submit(work, next(it)))
+                    except StopIteration:
+                        exhausted = True
+                if not pending:
+                    break
+                batch.append(pending.popleft().result())
+                if sum(a is not None for _, a in batch) >= self.batch_size or (exhausted and not pending):
+                    yield self._finish(batch)
+                    batch = []
+            if batch:
+                yield self._finish(batch)
+
+    def _finish(self, batch: list[tuple[FileRecord, np.ndarray | None]]) -> list[FileRecord]:
+        arrays = [a for _, a in batch if a is not None]
+        if arrays:
+            vecs = self.embed_pixels(np.stack(arrays))
+            it = iter(vecs)
+            for rec, a in batch:
+                if a is not None:
+                    rec.vector = next(it)
+        return [rec for rec, _ in batch]
+
+
+def _read_and_decode(
+    path: str, size: int, fit: str, known_hash: Callable[[str], bool] | None
+) -> tuple[FileRecord, np.ndarray | None]:
+    rec = FileRecord(path)
+    try:
+        st = os.stat(path)
+        rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        rec.error = f"cannot read: {e.strerror or e}"
+        return rec, None
+    rec.sha256 = hashlib.sha256(data).hexdigest()
+    if known_hash is not None and known_hash(rec.sha256):
+        rec.known = True
+        return rec, None
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            rec.width, rec.height = im.size
+        return rec, load_image(data, size, fit)
+    except ImageLoadError as e:
+        rec.error = _strip_path(str(e), path)
+    except Exception as e:  # Pillow raises many types for malformed files; any of them is a per-file error
+        rec.error = _one_line(e)
+    return rec, None
+
+
+def _strip_path(msg: str, path: str) -> str:
+    for prefix in (f"{path}: ", f"{path}:"):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _try(fn: Callable[[Any], np.ndarray], item: Any) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return fn(item), None
+    except ImageLoadError as e:
+        return None, str(e)
+
+
+def _chunks(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+_EMBEDDERS: dict[tuple, Embedder] = {}
+
+
+def embed(
+    items: Iterable[Any],
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = "imagenet",
+    pooling: str = "avg",
+    fit: str = DEFAULT_FIT,
+    engine: str = "auto",
+    precision: str = DEFAULT_PRECISION,
+    batch_size: int = 32,
+) -> EmbedResult:
+    """Embed paths, PIL images or uint8 arrays with a (cached) Embedder; see `Embedder.embed`."""
+    key = (backbone, str(weights), pooling, fit, engine, precision)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = Embedder(backbone, weights, pooling, fit, batch_size, engine, precision)
+    return _EMBEDDERS[key].embed(items)

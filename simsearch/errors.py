@@ -1,0 +1,45 @@
+"""Exceptions that carry a one-line message and the CLI exit code that goes with them."""
+
+from __future__ import annotations
+
+
+class SimsearchError(Exception):
+    """An expected failure: the CLI prints its message on one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class BadInputError(SimsearchError):
+    """Bad usage or input: a missing folder, an unreadable query image, an unknown backbone."""
+
+    exit_code = 1
+
+
+class WeightsUnavailableError(SimsearchError):
+    """Pretrained weights could not be found or downloaded."""
+
+    exit_code = 1
+
+
+class IndexStoreError(SimsearchError):
+    """The index is missing, damaged or does not match the request."""
+
+    exit_code = 2
+
+
+class IndexNotFoundError(IndexStoreError):
+    pass
+
+
+class IndexMismatchError(IndexStoreError):
+    pass
+
+
+class IndexCorruptError(IndexStoreError):
+    pass
+
+
+class IndexLockedError(SimsearchError):
+    """Another process is writing to the index."""
+
+    exit_code = 1
