@@ -61,13 +61,14 @@ class SimIndex:
         engine: str = "auto",
         batch_size: int = 32,
         seed: int = 0,
+        input_size: int | None = None,
     ) -> SimIndex:
         """Create an empty index for a backbone (builds the model to learn its signature)."""
         from .embed import Embedder
 
         kw = _embed_kwargs(fit, precision)
         emb = Embedder(backbone, weights=weights, pooling=pooling, batch_size=batch_size, engine=engine,
-                       seed=seed, **kw)  # fmt: skip
+                       seed=seed, input_size=input_size, **kw)  # fmt: skip
         store = IndexStore.create(path, {**emb.signature(), "seed": seed})
         idx = cls(store)
         idx._embedder = emb
@@ -97,7 +98,7 @@ class SimIndex:
                 f"index {self.store.path} was built with backbone {sig['backbone']}, not {options['backbone']}; "
                 f"use --rebuild to re-index it with {options['backbone']}, or choose another --index"
             )
-        for key in ("pooling", "fit", "precision"):
+        for key in ("pooling", "fit", "precision", "input_size"):
             if options.get(key) and options[key] != sig.get(key):
                 raise IndexMismatchError(
                     f"index {self.store.path} uses {key}={sig.get(key)}, not {options[key]}; use --rebuild to change it"
@@ -162,6 +163,8 @@ class SimIndex:
         try:
             sig = self.store.signature
             opts.setdefault("backbone", sig["backbone"])
+            if opts["backbone"] == sig["backbone"]:
+                opts.setdefault("input_size", sig["input_size"])
             opts.setdefault("pooling", sig["pooling"])
             opts.setdefault("fit", sig["fit"])
             opts.setdefault("precision", sig.get("precision", "fp32"))

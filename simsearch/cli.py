@@ -37,6 +37,13 @@ class _Group(TyperGroup):
         except SimsearchError as e:
             print(f"simsearch: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        except Exception as e:
+            if os.environ.get("SIMSEARCH_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"simsearch: unexpected error: {type(e).__name__}: {msg} (SIMSEARCH_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -109,6 +116,8 @@ def index_cmd(
     precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or int8 (TFLite engine)."),
     engine: str = typer.Option("auto", "--engine", help="auto (TFLite, else Keras), tflite or keras."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per inference batch."),
+    input_size: int | None = typer.Option(None, "--input-size", min=32, help="Model input size (default: native)."),
+    commit_every: int = typer.Option(256, "--commit-every", min=1, help="Commit to disk every N files."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Discard the index contents and re-embed everything."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -120,7 +129,8 @@ def index_cmd(
     if not folder.expanduser().exists():
         raise BadInputError(f"folder not found: {folder}")
     path = (index or default_index_path(folder)).expanduser()
-    opts = {"backbone": backbone, "weights": weights, "pooling": pooling, "fit": fit, "precision": precision}
+    opts = {"backbone": backbone, "weights": weights, "pooling": pooling, "fit": fit, "precision": precision,
+            "input_size": input_size}  # fmt: skip
     if IndexStore.exists(path):
         idx = SimIndex.open(path, engine=engine, batch_size=batch_size)
         if rebuild:
@@ -132,7 +142,7 @@ def index_cmd(
                               batch_size=batch_size)  # fmt: skip
     with idx:
         try:
-            report = idx.add_folder(folder, progress=_Progress("indexing"))
+            report = idx.add_folder(folder, progress=_Progress("indexing"), commit_every=commit_every)
         except SyncInterrupted as e:
             r = e.report
             print(
@@ -284,7 +294,8 @@ def demo_cmd(
     typer.echo(f"$ simsearch index {folder}")
     ctx = click.get_current_context()
     ctx.invoke(index_cmd, folder=folder, index=idx_path, backbone=None, weights=None, pooling=None,
-               fit=None, precision=None, engine="auto", batch_size=32, rebuild=False, as_json=False)  # fmt: skip
+               fit=None, precision=None, engine="auto", batch_size=32, input_size=None, commit_every=256,
+               rebuild=False, as_json=False)  # fmt: skip
     from .api import default_index_path
 
     ipath = idx_path or default_index_path(folder)

@@ -18,10 +18,27 @@ import numpy as np
 
 from .embed import Embedder, FileRecord
 from .errors import BadInputError
-from .images import find_images
+from .images import scan_images
 from .store import IndexStore, Row
 
 ProgressFn = Callable[[int, int], None]
+NOT_AN_IMAGE = "not an image (unknown format)"
+# Files with these endings that do not decode are reported; other non-image files (notes, CSVs) are ignored.
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".png",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".jp2",
+}
 
 
 @dataclass
@@ -86,9 +103,13 @@ def sync_folder(
     root = Path(os.path.abspath(root))
     report = SyncReport(index=str(store.path))
 
-    paths = [str(p) for p in find_images(root, exclude=[store.path])]
-    report.total = len(paths)
-    scope = str(root) if root.is_dir() else str(root)
+    found, walk_skips = scan_images(root, exclude=[store.path])
+    paths = [str(p) for p in found]
+    for p, reason in walk_skips:
+        if reason != NOT_AN_IMAGE or p.suffix.lower() in IMAGE_SUFFIXES:
+            report.skipped.append({"path": str(p), "error": reason})
+    report.total = len(paths) + len(report.skipped)
+    scope = str(root)
     existing = {r.path: r for r in (store.rows_under(scope) if root.is_dir() else [store.row_by_path(scope)]) if r}
     failed = {p: (s, m, e) for p, s, m, e in store.failures()}
     present = set(paths)
