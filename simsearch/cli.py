@@ -237,42 +237,96 @@ def dedup_cmd(
     index: Path | None = IndexOpt,
     threshold: float | None = typer.Option(None, "--threshold", "-t", help="Near-duplicate cosine threshold."),
     group: str = typer.Option(
-        "connected", "--group", help="connected (components) or star (all within T of the kept file)."
+        "connected", "--group", help="connected, or star: every member within T of the kept file."
     ),
     keep: str | None = typer.Option(
-        None, "--keep", help="Ordered keep rules, e.g. resolution,size,oldest,shortest-path."
+        None, "--keep", help="Ordered keep rules (default resolution,size,oldest,shortest-path)."
     ),
-    prefer: list[Path] = typer.Option([], "--prefer", help="Folder whose files are always kept (repeatable)."),
+    prefer: list[Path] = typer.Option(
+        [], "--prefer", help="Folder whose files are always kept, never touched (repeatable)."
+    ),
     exact_only: bool = typer.Option(False, "--exact-only", help="Only byte-identical copies."),
+    action: str = typer.Option(
+        "report", "--action", help="report, move (to --to DIR) or delete (into a trash folder)."
+    ),
+    to: Path | None = typer.Option(None, "--to", help="Destination folder for --action move."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Carry out the action (without it only the plan is printed)."),
+    permanent: bool = typer.Option(False, "--permanent", help="With --action delete: remove files for good (no undo)."),
+    html_out: Path | None = typer.Option(None, "--html", help="Write a static HTML review page."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Write the groups as CSV."),
     explain: tuple[Path, Path] | None = typer.Option(
         None, "--explain", help="Score two files and say why they are (not) grouped."
     ),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Find groups of exact copies and near-duplicate images in an index (report only)."""
+    """Find groups of exact copies and near duplicates; report them, or move/delete the extra copies (undoable)."""
+    from .actions import apply_plan, plan_action
     from .api import SimIndex
     from .dedup import DEFAULT_THRESHOLD, explain_pair, find_duplicates
 
     t = DEFAULT_THRESHOLD if threshold is None else threshold
+    if permanent and action != "delete":
+        raise BadInputError("--permanent only goes with --action delete")
     with SimIndex.open(_resolve_index(index)) as idx:
         if explain:
             text, data = explain_pair(idx, explain[0], explain[1], t)
             _emit(data) if as_json else typer.echo(text)
             return
-        report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=[str(p) for p in prefer],
-                                 near=not exact_only)  # fmt: skip
+        prefs = [str(p) for p in prefer]
+        report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=prefs, near=not exact_only)
+        plan = plan_action(report, action, to, idx.store, prefer=prefs, permanent=permanent)
+        if html_out:
+            from .report import write_html
+
+            typer.echo(f"wrote {write_html(report, idx.store, html_out)}", err=True)
+        if csv_out:
+            from .report import write_csv
+
+            typer.echo(f"wrote {write_csv(report, idx.store, csv_out)}", err=True)
+        undo_file = apply_plan(plan, idx.store) if (yes and plan.moves) else None
     if as_json:
-        _emit(report.to_json())
+        out = report.to_json()
+        if action != "report":
+            out["action"] = {"name": action, "applied": undo_file is not None, "moves": plan.to_json(),
+                             "undo": str(undo_file) if undo_file else None}  # fmt: skip
+        _emit(out)
         return
     for g in report.groups:
         typer.echo(f"{g.kind} group ({len(g.files)} files, min score {g.min_score:.4f}):")
-        for f, s in zip(g.files, g.scores, strict=True):
-            typer.echo(f"  {'keep' if f == g.keep else '    '}  {s:.4f}  {f}")
+        for f, sc in zip(g.files, g.scores, strict=True):
+            typer.echo(f"  {'keep' if f == g.keep else '    '}  {sc:.4f}  {f}")
     n_exact = sum(g.kind == "exact" for g in report.groups)
     typer.echo(
         f"{len(report.groups)} groups ({n_exact} exact, {len(report.groups) - n_exact} near at threshold "
         f"{report.threshold}); {report.duplicates} files could be removed."
     )
+    if action != "report":
+        verb = "deleted for good" if permanent else ("moved to the trash" if action == "delete" else f"moved to {to}")
+        if undo_file:
+            typer.echo(f"{len(plan.moves)} files {verb}. Undo with: simsearch undo {undo_file}")
+        else:
+            for src, dst in plan.moves:
+                typer.echo(f"  would move {src} -> {dst}" if dst else f"  would delete {src}")
+            typer.echo(f"Plan only: {len(plan.moves)} files would be {verb}. Add --yes to do it.")
+
+
+@app.command("undo")
+def undo_cmd(manifest: Path = typer.Argument(..., help="Undo manifest written by dedup --action move/delete."),
+             as_json: bool = JsonOpt) -> None:  # fmt: skip
+    """Put back the files a dedup action moved or trashed, and their index entries."""
+    from .actions import undo
+
+    if not manifest.expanduser().is_file():
+        raise BadInputError(f"undo manifest not found: {manifest}")
+    res = undo(manifest)
+    if as_json:
+        _emit(res)
+        return
+    typer.echo(f"restored {res['restored']} files ({res['reindexed']} re-added to the index)")
+    for m in res["missing"]:
+        typer.echo(f"  missing, not restored: {m}", err=True)
+    if res["permanently_deleted"]:
+        typer.echo(f"  {res['permanently_deleted']} files were deleted permanently and cannot be restored", err=True)
 
 
 @app.command("demo")
@@ -307,7 +361,8 @@ def demo_cmd(
     ctx.invoke(query_cmd, images=[q], index=ipath, k=5, min_score=None, engine="auto", as_json=False)
     typer.echo(f"\n$ simsearch dedup --index {ipath}")
     ctx.invoke(dedup_cmd, index=ipath, threshold=None, group="connected", keep=None, prefer=[], exact_only=False,
-               explain=None, as_json=False)  # fmt: skip
+               action="report", to=None, yes=False, permanent=False, html_out=None, csv_out=None, explain=None,
+               as_json=False)  # fmt: skip
 
 
 def main() -> None:
