@@ -359,7 +359,8 @@ def load_backbone(
             base, prep = _build_keras_app(info, label, wfile, size)
             used = wfile
     out = _pool(base.output, pooling)
-    model = k.Model(base.input, out, name=f"simsearch_{normalise_name(info.name)[:40]}")
+    tag = re.sub(r"[^a-z0-9]", "", normalise_name(Path(info.name).stem))[:40]
+    model = k.Model(base.input, out, name=f"simsearch_{tag}")
     if label == "none":
         digest = f"random-seed{seed}"
     elif used:
