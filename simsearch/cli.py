@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import click
 import typer
@@ -55,9 +55,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: the only one under ./indexes).")
-JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text.")
-
 
 def _emit(obj: dict[str, Any]) -> None:
     typer.echo(json.dumps(obj, indent=None, ensure_ascii=False))
@@ -73,6 +70,9 @@ def _resolve_index(index: Path | None) -> Path:
     if not found:
         raise IndexNotFoundError("no index given and none under ./indexes; pass --index PATH")
     raise BadInputError(f"several indexes under ./indexes ({', '.join(p.name for p in found)}); pass --index PATH")
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 
 
 class _Progress:
@@ -107,19 +107,27 @@ def _hms(s: float) -> str:
 
 @app.command("index")
 def index_cmd(
-    folder: Path = typer.Argument(..., help="Folder of images to index (recursively)."),
-    index: Path | None = typer.Option(None, "--index", "-i", help="Index directory (default ./indexes/<folder name>)."),
-    backbone: str | None = typer.Option(None, "--backbone", "-b", help="Backbone name or .keras file."),
-    weights: str | None = typer.Option(None, "--weights", "-w", help="'imagenet', 'none', or a local weights file."),
-    pooling: str | None = typer.Option(None, "--pooling", help="avg, max or gem."),
-    fit: str | None = typer.Option(None, "--fit", help="resize (whole image), crop (centre) or pad."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or int8 (TFLite engine)."),
-    engine: str = typer.Option("auto", "--engine", help="auto (TFLite, else Keras), tflite or keras."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per inference batch."),
-    input_size: int | None = typer.Option(None, "--input-size", min=32, help="Model input size (default: native)."),
-    commit_every: int = typer.Option(256, "--commit-every", min=1, help="Commit to disk every N files."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Discard the index contents and re-embed everything."),
-    as_json: bool = JsonOpt,
+    folder: Annotated[Path, typer.Argument(help="Folder of images to index (recursively).")],
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index directory (default ./indexes/<folder name>).")
+    ] = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="Backbone name or .keras file.")] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", "-w", help="'imagenet', 'none', or a local weights file.")
+    ] = None,
+    pooling: Annotated[str | None, typer.Option("--pooling", help="avg, max or gem.")] = None,
+    fit: Annotated[str | None, typer.Option("--fit", help="resize (whole image), crop (centre) or pad.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or int8 (TFLite engine).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="auto (TFLite, else Keras), tflite or keras.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 32,
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", min=32, help="Model input size (default: native).")
+    ] = None,
+    commit_every: Annotated[int, typer.Option("--commit-every", min=1, help="Commit to disk every N files.")] = 256,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Discard the index contents and re-embed everything.")
+    ] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Build or update (sync) an index of FOLDER. Run it again to add new, changed and removed files."""
     from .api import SimIndex, default_index_path
@@ -171,12 +179,16 @@ def index_cmd(
 
 @app.command("query")
 def query_cmd(
-    images: list[Path] = typer.Argument(..., help="Query image file(s), indexed or not."),
-    index: Path | None = IndexOpt,
-    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours."),
-    min_score: float | None = typer.Option(None, "--min-score", help="Only matches with cosine >= this."),
-    engine: str = typer.Option("auto", "--engine", help="auto, tflite or keras (for images not in the index)."),
-    as_json: bool = JsonOpt,
+    images: Annotated[list[Path], typer.Argument(help="Query image file(s), indexed or not.")],
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index directory (default: the only one under ./indexes).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of neighbours.")] = 10,
+    min_score: Annotated[float | None, typer.Option("--min-score", help="Only matches with cosine >= this.")] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="auto, tflite or keras (for images not in the index).")
+    ] = "auto",
+    as_json: JsonFlag = False,
 ) -> None:
     """Find the indexed images most similar to each IMAGE (cosine similarity, 1.0 = identical)."""
     from .api import SimIndex
@@ -198,7 +210,12 @@ def query_cmd(
 
 
 @app.command("info")
-def info_cmd(index: Path | None = IndexOpt, as_json: bool = JsonOpt) -> None:
+def info_cmd(
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index directory (default: the only one under ./indexes).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Show an index's model, counts and files."""
     from .api import SimIndex
 
@@ -215,7 +232,9 @@ def info_cmd(index: Path | None = IndexOpt, as_json: bool = JsonOpt) -> None:
 
 
 @app.command("backbones")
-def backbones_cmd(as_json: bool = JsonOpt) -> None:
+def backbones_cmd(
+    as_json: JsonFlag = False,
+) -> None:
     """List the available backbones: name, embedding size, input size, weights available offline."""
     from .backbones import DEFAULT_BACKBONE, list_backbones
 
@@ -234,36 +253,49 @@ def backbones_cmd(as_json: bool = JsonOpt) -> None:
 
 @app.command("dedup")
 def dedup_cmd(
-    index: Path | None = IndexOpt,
-    threshold: float | None = typer.Option(None, "--threshold", "-t", help="Near-duplicate cosine threshold."),
-    group: str = typer.Option(
-        "connected", "--group", help="connected, or star: every member within T of the kept file."
-    ),
-    keep: str | None = typer.Option(
-        None, "--keep", help="Ordered keep rules (default resolution,size,oldest,shortest-path)."
-    ),
-    prefer: list[Path] = typer.Option(
-        [], "--prefer", help="Folder whose files are always kept, never touched (repeatable)."
-    ),
-    exact_only: bool = typer.Option(False, "--exact-only", help="Only byte-identical copies."),
-    action: str = typer.Option(
-        "report", "--action", help="report, move (to --to DIR) or delete (into a trash folder)."
-    ),
-    to: Path | None = typer.Option(None, "--to", help="Destination folder for --action move."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Carry out the action (without it only the plan is printed)."),
-    permanent: bool = typer.Option(False, "--permanent", help="With --action delete: remove files for good (no undo)."),
-    html_out: Path | None = typer.Option(None, "--html", help="Write a static HTML review page."),
-    csv_out: Path | None = typer.Option(None, "--csv", help="Write the groups as CSV."),
-    explain: tuple[Path, Path] | None = typer.Option(
-        None, "--explain", help="Score two files and say why they are (not) grouped."
-    ),
-    as_json: bool = JsonOpt,
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index directory (default: the only one under ./indexes).")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", "-t", help="Near-duplicate cosine threshold.")
+    ] = None,
+    group: Annotated[
+        str, typer.Option("--group", help="connected, or star: every member within T of the kept file.")
+    ] = "connected",
+    keep: Annotated[
+        str | None, typer.Option("--keep", help="Ordered keep rules (default resolution,size,oldest,shortest-path).")
+    ] = None,
+    prefer: Annotated[
+        list[Path] | None,
+        typer.Option("--prefer", help="Folder whose files are always kept, never touched (repeatable)."),
+    ] = None,
+    exact_only: Annotated[bool, typer.Option("--exact-only", help="Only byte-identical copies.")] = False,
+    rotations: Annotated[
+        bool, typer.Option("--rotations", help="Also match copies rotated 90/180/270 or mirrored.")
+    ] = False,
+    action: Annotated[
+        str, typer.Option("--action", help="report, move (to --to DIR) or delete (into a trash folder).")
+    ] = "report",
+    to: Annotated[Path | None, typer.Option("--to", help="Destination folder for --action move.")] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Carry out the action (without it only the plan is printed).")
+    ] = False,
+    permanent: Annotated[
+        bool, typer.Option("--permanent", help="With --action delete: remove files for good (no undo).")
+    ] = False,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write a static HTML review page.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the groups as CSV.")] = None,
+    explain: Annotated[
+        tuple[Path, Path] | None, typer.Option("--explain", help="Score two files and say why they are (not) grouped.")
+    ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Find groups of exact copies and near duplicates; report them, or move/delete the extra copies (undoable)."""
     from .actions import apply_plan, plan_action
     from .api import SimIndex
     from .dedup import DEFAULT_THRESHOLD, explain_pair, find_duplicates
 
+    prefer = prefer or []
     t = DEFAULT_THRESHOLD if threshold is None else threshold
     if permanent and action != "delete":
         raise BadInputError("--permanent only goes with --action delete")
@@ -273,7 +305,8 @@ def dedup_cmd(
             _emit(data) if as_json else typer.echo(text)
             return
         prefs = [str(p) for p in prefer]
-        report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=prefs, near=not exact_only)
+        report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=prefs, near=not exact_only,
+                                 rotations=idx.embedder if rotations else None)  # fmt: skip
         plan = plan_action(report, action, to, idx.store, prefer=prefs, permanent=permanent)
         if html_out:
             from .report import write_html
@@ -311,8 +344,10 @@ def dedup_cmd(
 
 
 @app.command("undo")
-def undo_cmd(manifest: Path = typer.Argument(..., help="Undo manifest written by dedup --action move/delete."),
-             as_json: bool = JsonOpt) -> None:  # fmt: skip
+def undo_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Undo manifest written by dedup --action move/delete.")],
+    as_json: JsonFlag = False,
+) -> None:
     """Put back the files a dedup action moved or trashed, and their index entries."""
     from .actions import undo
 
@@ -331,8 +366,12 @@ def undo_cmd(manifest: Path = typer.Argument(..., help="Undo manifest written by
 
 @app.command("demo")
 def demo_cmd(
-    folder: Path | None = typer.Argument(None, help="A folder of your own images (default: generate a demo folder)."),
-    index: Path | None = typer.Option(None, "--index", "-i", help="Index directory (default ./indexes/<folder name>)."),
+    folder: Annotated[
+        Path | None, typer.Argument(help="A folder of your own images (default: generate a demo folder).")
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Index directory (default ./indexes/<folder name>).")
+    ] = None,
 ) -> None:
     """Index a folder (or a generated demo folder), then show a query and the duplicates: the whole job in one go."""
     from .demo import make_demo_folder
@@ -346,10 +385,7 @@ def demo_cmd(
         raise BadInputError(f"folder not found: {folder}")
     idx_path = index or None
     typer.echo(f"$ simsearch index {folder}")
-    ctx = click.get_current_context()
-    ctx.invoke(index_cmd, folder=folder, index=idx_path, backbone=None, weights=None, pooling=None,
-               fit=None, precision=None, engine="auto", batch_size=32, input_size=None, commit_every=256,
-               rebuild=False, as_json=False)  # fmt: skip
+    index_cmd(folder=folder, index=idx_path)
     from .api import default_index_path
 
     ipath = idx_path or default_index_path(folder)
@@ -358,11 +394,9 @@ def demo_cmd(
     if q is None:
         raise BadInputError(f"no images found in {folder}")
     typer.echo(f"\n$ simsearch query {q} --index {ipath} -k 5")
-    ctx.invoke(query_cmd, images=[q], index=ipath, k=5, min_score=None, engine="auto", as_json=False)
+    query_cmd(images=[q], index=ipath, k=5)
     typer.echo(f"\n$ simsearch dedup --index {ipath}")
-    ctx.invoke(dedup_cmd, index=ipath, threshold=None, group="connected", keep=None, prefer=[], exact_only=False,
-               action="report", to=None, yes=False, permanent=False, html_out=None, csv_out=None, explain=None,
-               as_json=False)  # fmt: skip
+    dedup_cmd(index=ipath)
 
 
 def main() -> None:

@@ -109,8 +109,13 @@ def find_duplicates(
     keep: str | Sequence[str] | None = None,
     prefer: Sequence[str] = (),
     near: bool = True,
+    rotations: Any = None,
 ) -> DedupReport:
-    """Group the index's files into exact and near-duplicate groups, kept file first in each."""
+    """Group the index's files into exact and near-duplicate groups, kept file first in each.
+
+    `rotations`: an Embedder; when given, copies rotated by 90/180/270 degrees or mirrored are matched too (each
+    representative file is decoded once more and embedded four times).
+    """
     from .dedup_graph import connected_groups, group_min_scores, similar_pairs, star_groups
 
     if group not in GROUP_MODES:
@@ -136,6 +141,8 @@ def find_duplicates(
         vecs = store.vectors([r.id for r in reps])
         i, j, s = similar_pairs(vecs, threshold)
         n = len(reps)
+        if rotations is not None:
+            i, j, s = _merge_pairs(i, j, s, *_rotation_pairs(rotations, [r.path for r in reps], vecs, threshold))
         if group == "star":
             found = star_groups(n, i, j, s, np.arange(n))
             mins = group_min_scores(found, i, j, s, centre_only=True)
@@ -169,3 +176,51 @@ def explain_pair(idx: Any, a: Any, b: Any, threshold: float) -> tuple[str, dict[
     text = f"{pa}\n{pb}\nscore: {score:.4f}\n{why}"
     return text, {"a": pa, "b": pb, "score": round(score, 6), "threshold": threshold,
                   "exact": same, "grouped": same or score >= threshold, "reason": why}  # fmt: skip
+
+
+def _rotation_pairs(embedder: Any, paths: list[str], vecs: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
+    """Pairs (i, j) where a rotated or mirrored version of file i scores >= threshold against file j."""
+    import faiss
+
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(np.ascontiguousarray(vecs, dtype=np.float32))
+    pos = {p: k for k, p in enumerate(paths)}
+    out_i, out_j, out_s = [], [], []
+    chunk: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if not chunk:
+            return
+        q = np.ascontiguousarray(np.concatenate([v for _, v in chunk]), dtype=np.float32)
+        owner = np.repeat(np.array([k for k, _ in chunk], dtype=np.int64), 4)
+        lims, dist, labels = index.range_search(q, threshold)
+        counts = np.diff(lims)
+        src = np.repeat(owner, counts)
+        keep = src != labels
+        out_i.append(src[keep])
+        out_j.append(labels[keep].astype(np.int64))
+        out_s.append(dist[keep].astype(np.float32))
+        chunk.clear()
+
+    for path, variants in embedder.embed_variants(paths):
+        if variants is not None:
+            chunk.append((pos[path], variants))
+        if len(chunk) >= 256:
+            flush()
+    flush()
+    if not out_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+
+
+def _merge_pairs(*arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of two (i, j, score) pair lists as i < j with the best score per pair."""
+    i1, j1, s1, i2, j2, s2 = arrays
+    i = np.concatenate([i1, np.minimum(i2, j2)]).astype(np.int64)
+    j = np.concatenate([j1, np.maximum(i2, j2)]).astype(np.int64)
+    s = np.concatenate([s1, s2]).astype(np.float32)
+    order = np.lexsort((-s, j, i))
+    i, j, s = i[order], j[order], s[order]
+    first = np.ones(len(i), bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return i[first], j[first], s[first]

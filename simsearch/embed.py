@@ -196,6 +196,24 @@ class Embedder:
         except ImageLoadError as e:
             raise BadInputError(str(e)) from e
 
+    def embed_variants(self, paths: Iterable[str]) -> Iterator[tuple[str, np.ndarray | None]]:
+        """(path, (4, dim) vectors of the image rotated 90/180/270 degrees and mirrored), streamed.
+
+        Rotating the model-input square equals resizing the rotated image (for every fit), so each file is decoded
+        once. Unreadable files give None.
+        """
+        s, fit = self.backbone.input_size, self.fit
+        with ThreadPoolExecutor(self.workers) as pool:
+            for chunk in _chunks(list(paths), self.batch_size * 4):
+                arrays = list(pool.map(lambda p: _try(lambda q: load_image(q, s, fit), p)[0], chunk))
+                ok = [(p, a) for p, a in zip(chunk, arrays, strict=True) if a is not None]
+                pixels = [v for _, a in ok for v in (np.rot90(a, 1), np.rot90(a, 2), np.rot90(a, 3), a[:, ::-1])]
+                vecs = [self.embed_pixels(np.ascontiguousarray(np.stack(b))) for b in _chunks(pixels, self.batch_size)]
+                allv = np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float32)
+                got = {p: allv[4 * k : 4 * k + 4] for k, (p, _) in enumerate(ok)}
+                for p in chunk:
+                    yield p, got.get(p)
+
     def embed_files(
         self,
         paths: Iterable[str],
