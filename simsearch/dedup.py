@@ -17,7 +17,7 @@ import numpy as np
 from .errors import BadInputError
 from .store import IndexStore, Row
 
-DEFAULT_THRESHOLD = 0.90
+DEFAULT_THRESHOLD = 0.90  # best F1 on clothing + generated edits (benchmarks/dedup_quality.py)
 GROUP_MODES = ("connected", "star")
 KEEP_RULES = ("resolution", "size", "oldest", "newest", "shortest-path", "longest-path")
 DEFAULT_KEEP = ("resolution", "size", "oldest", "shortest-path")

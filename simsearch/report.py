@@ -73,6 +73,12 @@ def write_html(report: DedupReport, store: IndexStore, out: str | Path, limit: i
                 f"<a href='file://{html.escape(f)}'>{html.escape(f)}</a></div>"
             )
         parts.append("</div></section>")
+    parts.append(
+        "<script>window.addEventListener('load',function(){var im=document.images,n=0;"
+        "for(var k=0;k<im.length;k++){if(im[k].complete&&im[k].naturalWidth>0)n++;}"
+        "document.body.dataset.imagesLoaded=n;"
+        "document.body.dataset.groupsRendered=document.querySelectorAll('section.group').length;});</script>"
+    )
     parts.append("</body></html>\n")
     atomic_write(out, "".join(parts).encode())
     return out

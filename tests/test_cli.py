@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -189,3 +190,37 @@ def test_installed_console_script(built: tuple[Path, dict], library: Path) -> No
     assert r.returncode == 2 and r.stderr.startswith("simsearch: error:") and "Traceback" not in r.stderr
     r = subprocess.run([exe, "query", "--bogus-option"], capture_output=True, text=True)
     assert r.returncode == 1
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_dedup_html_and_csv_render_in_a_real_browser(built: tuple[Path, dict], library: Path, tmp_path: Path) -> None:
+    import csv
+
+    from PIL import Image
+
+    index, _ = built
+    html_file, csv_file = tmp_path / "report.html", tmp_path / "report.csv"
+    code, out, err = run("dedup", "--index", index, "--html", html_file, "--csv", csv_file)
+    assert code == 0, err
+    rows = list(csv.DictReader(csv_file.open()))
+    assert len(rows) == 4 and {r["kind"] for r in rows} == {"exact", "near"}
+    assert sorted(r["keep"] for r in rows) == ["0", "0", "1", "1"]
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]  # fmt: skip
+    dom = subprocess.run([*flags, "--dump-dom", html_file.as_uri()], capture_output=True, text=True, timeout=120)
+    assert 'data-groups-rendered="2"' in dom.stdout, dom.stderr[-2000:]
+    assert 'data-images-loaded="4"' in dom.stdout  # every thumbnail decoded by the browser
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,800", html_file.as_uri()],
+                   capture_output=True, timeout=120)  # fmt: skip
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    green = (abs(img[..., 0] - 0x22) < 20) & (abs(img[..., 1] - 0xAA) < 20) & (abs(img[..., 2] - 0x22) < 20)
+    assert green.sum() > 500  # the kept files' outlines are drawn
+    assert img.std() > 20  # thumbnails, not a blank page

@@ -140,7 +140,7 @@ def test_corrupt_faiss_file_is_reported_and_rebuild_recovers(folder: Path, refer
     data = bytearray(faiss_file.read_bytes())
     faiss_file.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(IndexCorruptError):
-        IndexStore.open(index).faiss_index
+        _ = IndexStore.open(index).faiss_index
     r = subprocess.run(cli("query", folder / "img-001.png", "--index", index), capture_output=True, text=True)
     assert r.returncode == 2 and "damaged" in r.stderr and "--rebuild" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cli("index", folder, "--index", index, "--rebuild", "--json"), capture_output=True, text=True)
