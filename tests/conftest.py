@@ -10,7 +10,16 @@ import pytest
 from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clothing"
-PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera")
+PHOTO_NAMES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
