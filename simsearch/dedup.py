@@ -194,7 +194,7 @@ def _rotation_pairs(embedder: Any, paths: list[str], vecs: np.ndarray, threshold
         q = np.ascontiguousarray(np.concatenate([v for _, v in chunk]), dtype=np.float32)
         owner = np.repeat(np.array([k for k, _ in chunk], dtype=np.int64), 4)
         lims, dist, labels = index.range_search(q, threshold)
-        counts = np.diff(lims)
+        counts = np.diff(lims).astype(np.int64)
         src = np.repeat(owner, counts)
         keep = src != labels
         out_i.append(src[keep])
