@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -20,29 +19,36 @@ from .errors import BadInputError, IndexNotFoundError, SimsearchError
 
 
 class _Group(TyperGroup):
-    """Maps every failure to a one-line message and our exit codes (click would use 2 for usage errors)."""
+    """Maps every failure to a one-line message and our exit codes (click would use 2 for usage errors).
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    Typer may bundle its own copy of click, so its exceptions are recognised by shape, not by import.
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
             rv = super().main(*args, **kwargs)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            e.show()
-            sys.exit(1)
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            print("simsearch: interrupted", file=sys.stderr)
-            sys.exit(130)
         except SimsearchError as e:
             print(f"simsearch: error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("simsearch: interrupted", file=sys.stderr)
+            sys.exit(130)
         except Exception as e:
+            name = type(e).__name__
+            if name == "Exit" and hasattr(e, "exit_code"):
+                sys.exit(e.exit_code)
+            if name == "Abort":
+                print("simsearch: interrupted", file=sys.stderr)
+                sys.exit(130)
+            if hasattr(e, "show") and hasattr(e, "exit_code"):  # usage errors
+                e.show()
+                sys.exit(1)
             if os.environ.get("SIMSEARCH_DEBUG"):
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"simsearch: unexpected error: {type(e).__name__}: {msg} (SIMSEARCH_DEBUG=1 shows the traceback)",
-                  file=sys.stderr)  # fmt: skip
+            hint = "SIMSEARCH_DEBUG=1 shows the traceback"
+            print(f"simsearch: unexpected error: {name}: {msg} ({hint})", file=sys.stderr)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
