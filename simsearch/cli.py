@@ -41,8 +41,11 @@ class _Group(TyperGroup):
             if name == "Abort":
                 print("simsearch: interrupted", file=sys.stderr)
                 sys.exit(130)
-            if hasattr(e, "show") and hasattr(e, "exit_code"):  # usage errors
-                e.show()
+            if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # usage errors, on one line
+                ctx = getattr(e, "ctx", None)
+                where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+                if e.format_message():  # empty when the help was shown for a bare `simsearch`
+                    print(f"simsearch: error: {e.format_message()}{where}", file=sys.stderr)
                 sys.exit(1)
             if os.environ.get("SIMSEARCH_DEBUG"):
                 raise

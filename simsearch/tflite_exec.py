@@ -46,18 +46,22 @@ def _input_shape(model: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape[1:])
 
 
-def _calibration(representative: Callable[[], Iterable[np.ndarray]]) -> Callable[[], Iterator[list[np.ndarray]]]:
-    """Adapt the caller's batches to what the calibrator wants: a list of one float32 array per model input."""
+class _Calibration:
+    """Adapt the caller's batches to what the calibrator wants (a list of one float32 array per model input) and
+    count the images, because the converter silently skips quantisation when the dataset is empty."""
 
-    def gen() -> Iterator[list[np.ndarray]]:
-        for batch in representative():
+    def __init__(self, representative: Callable[[], Iterable[np.ndarray]]) -> None:
+        self._representative = representative
+        self.count = 0
+
+    def __call__(self) -> Iterator[list[np.ndarray]]:
+        for batch in self._representative():
             arr = np.asarray(batch, dtype=np.float32)
             if arr.ndim == 3:
                 arr = arr[None]
             for i in range(len(arr)):  # one image at a time: the calibrator keeps the exported batch shape
+                self.count += 1
                 yield [np.ascontiguousarray(arr[i : i + 1])]
-
-    return gen
 
 
 def convert_keras_to_tflite(
@@ -78,6 +82,7 @@ def convert_keras_to_tflite(
 
     tf = tensorflow()
     shape = _input_shape(model)
+    calibration = _Calibration(representative) if precision == "int8" and representative is not None else None
     try:
         with tempfile.TemporaryDirectory(prefix="simsearch-export-") as tmp, quiet_native_stderr():
             spec = tf.TensorSpec((None, *shape), tf.float32, name="images")
@@ -89,9 +94,12 @@ def convert_keras_to_tflite(
                 converter.target_spec.supported_types = [tf.float16]
             elif precision == "int8":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                if representative is not None:
-                    converter.representative_dataset = _calibration(representative)
-            return bytes(converter.convert())
+                if calibration is not None:
+                    converter.representative_dataset = calibration
+            data = bytes(converter.convert())
+        if calibration is not None and calibration.count == 0:
+            raise ConversionError("int8 calibration failed: the representative dataset yielded no images")
+        return data
     except ConversionError:
         raise
     except Exception as e:  # the converter raises many unrelated types (ConverterError, ValueError, TypeError, ...)
@@ -193,6 +201,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file is readable like any other
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

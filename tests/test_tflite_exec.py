@@ -1,0 +1,172 @@
+"""TFLite conversion and execution: vectors match Keras per precision, any batch size works, the cache converts once."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from simsearch import tflite_exec
+from simsearch.tflite_exec import ConversionError, TFLiteRunner, convert_keras_to_tflite, load_or_convert
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
+
+SIZE = 32
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(_normalised(a) * _normalised(b), axis=1)
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (n, SIZE, SIZE, 3)).astype(np.float32)
+
+
+def _build_model():
+    """A small MobileNet-like net whose activations stay in a sane range with random weights (unlike deep nets)."""
+    from simsearch._keras import keras
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    inp = k.Input((SIZE, SIZE, 3))
+    h = k.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inp)
+    h = k.layers.BatchNormalization()(h)
+    h = k.layers.DepthwiseConv2D(3, padding="same", activation="relu6")(h)
+    h = k.layers.Conv2D(48, 1, activation="relu")(h)
+    out = k.layers.GlobalAveragePooling2D()(h)
+    return k.Model(inp, out)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build_model()
+
+
+@pytest.fixture(scope="module")
+def fp32_bytes(model) -> bytes:
+    return convert_keras_to_tflite(model, "fp32")
+
+
+def _tensor_dtypes(runner: TFLiteRunner) -> set[str]:
+    return {np.dtype(d["dtype"]).name for d in runner._it.get_tensor_details()}
+
+
+@pytest.mark.parametrize("n", [1, 3, 32])
+def test_fp32_matches_keras_for_any_batch_size(model, fp32_bytes: bytes, n: int) -> None:
+    runner = TFLiteRunner(fp32_bytes, num_threads=2)
+    assert runner.input_size == SIZE and runner.dim == 48
+    x = _images(n, seed=n)
+    got = runner(x)
+    assert got.shape == (n, 48) and got.dtype == np.float32
+    assert _row_cosines(got, model.predict(x, verbose=0)).min() >= 0.999
+
+
+def test_runner_switches_batch_sizes_and_returns_fresh_arrays(model, fp32_bytes: bytes) -> None:
+    runner = TFLiteRunner(fp32_bytes)
+    a, b = _images(5, seed=1), _images(2, seed=2)
+    ya = runner(a)
+    ya_before = ya.copy()
+    yb = runner(b)
+    ya_again = runner(a)
+    np.testing.assert_array_equal(ya, ya_before)  # a later call must not overwrite an earlier result
+    np.testing.assert_allclose(ya_again, ya, rtol=1e-5, atol=1e-7)
+    assert yb.shape == (2, 48)
+    assert _row_cosines(yb, model.predict(b, verbose=0)).min() >= 0.999
+
+
+def test_runner_rejects_wrong_input_shape(fp32_bytes: bytes) -> None:
+    runner = TFLiteRunner(fp32_bytes)
+    with pytest.raises(ValueError):
+        runner(np.zeros((2, SIZE + 1, SIZE, 3), np.float32))
+    with pytest.raises(ValueError):
+        runner(np.zeros((0, SIZE, SIZE, 3), np.float32))
+
+
+def test_fp16_stores_half_precision_weights_and_matches(model) -> None:
+    runner = TFLiteRunner(convert_keras_to_tflite(model, "fp16"))
+    assert "float16" in _tensor_dtypes(runner)
+    x = _images(8, seed=3)
+    assert _row_cosines(runner(x), model.predict(x, verbose=0)).min() >= 0.95
+
+
+def test_int8_with_representative_data_is_quantised_with_float_io(model) -> None:
+    calls = []
+
+    def representative():
+        calls.append(1)
+        for i in range(4):
+            yield _images(4, seed=100 + i)
+
+    runner = TFLiteRunner(convert_keras_to_tflite(model, "int8", representative))
+    assert calls, "the representative dataset was never read"
+    assert "int8" in _tensor_dtypes(runner)
+    x = _images(8, seed=4)
+    got = runner(x)
+    assert got.dtype == np.float32 and got.shape == (8, 48)
+    assert _row_cosines(got, model.predict(x, verbose=0)).min() >= 0.95
+
+
+def test_int8_with_an_empty_representative_dataset_fails_instead_of_staying_float(model) -> None:
+    with pytest.raises(ConversionError, match="no images"):
+        convert_keras_to_tflite(model, "int8", lambda: iter([]))
+
+
+def test_unknown_precision_is_rejected(model) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        convert_keras_to_tflite(model, "int4")
+
+
+def test_conversion_failure_raises_conversion_error() -> None:
+    class NotAModel:
+        inputs = [type("T", (), {"shape": (None, SIZE, SIZE, 3)})()]
+
+        def export(self, *args, **kwargs):
+            raise RuntimeError("export\nexploded")
+
+    with pytest.raises(ConversionError, match="export exploded"):
+        convert_keras_to_tflite(NotAModel())
+
+
+def test_load_or_convert_converts_once(tmp_path, model) -> None:
+    calls = []
+
+    def build():
+        calls.append(1)
+        return model
+
+    first = load_or_convert(tmp_path, "tiny", build)
+    assert first == tmp_path / "tiny-fp32.tflite" and first.is_file()
+    assert first.stat().st_mode & 0o777 == 0o644
+    mtime = first.stat().st_mtime_ns
+    second = load_or_convert(tmp_path, "tiny", build)
+    assert second == first and len(calls) == 1 and second.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-fp32.tflite"]  # no temp files left behind
+    assert TFLiteRunner(second).dim == 48
+
+
+def test_load_or_convert_replaces_a_damaged_cache_file(tmp_path, model) -> None:
+    (tmp_path / "tiny-fp32.tflite").write_bytes(b"\x00" * 16)
+    calls = []
+    path = load_or_convert(tmp_path, "tiny", lambda: calls.append(1) or model)
+    assert calls == [1]
+    assert TFLiteRunner(path).dim == 48
+
+
+def test_default_cache_dir_honours_env(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SIMSEARCH_CACHE", str(tmp_path / "c"))
+    assert tflite_exec.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("SIMSEARCH_CACHE")
+    assert tflite_exec.default_cache_dir().parts[-3:] == (".cache", "simsearch", "tflite")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_model_file_raises_a_clear_error(tmp_path, fp32_bytes: bytes, damage: str) -> None:
+    path = tmp_path / "bad.tflite"
+    path.write_bytes(b"this is not a flatbuffer" * 10 if damage == "garbage" else fp32_bytes[: len(fp32_bytes) // 2])
+    with pytest.raises((ValueError, ConversionError)):
+        TFLiteRunner(path)
