@@ -134,7 +134,12 @@ def main() -> int:
             table = pr_table(vecs[: n + len(edits)], origin[: n + len(edits)])
             rot_scores = np.sum(vecs[n + len(edits) :] * vecs[[pos[r.name] for r in rotated]], axis=1)
             edit_scores = {
-                e: np.round(np.percentile(np.sum(vecs[n : n + len(edits)][i::5] * vecs[np.array(edit_origin[i::5])], axis=1), [5, 50]), 3)
+                e: np.round(
+                    np.percentile(
+                        np.sum(vecs[n : n + len(edits)][i::5] * vecs[np.array(edit_origin[i::5])], axis=1), [5, 50]
+                    ),
+                    3,
+                )
                 for i, e in enumerate(EDITS)
             }
             results[fit] = {"precision_at_10": round(p10, 4), "pr": table, "seconds": round(secs, 1),
@@ -147,7 +152,9 @@ def main() -> int:
             print("edit -> original cosine, 5th percentile / median: "
                   + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}" for k, v in edit_scores.items()))  # fmt: skip
             print(f"rotated copies: median cosine to original {np.median(rot_scores):.3f}")
-            print(f"{'threshold':>9} {'precision':>9} {'recall':>7} {'TP':>6} {'FP':>6} (positives {table[0]['positives']})")
+            print(
+                f"{'threshold':>9} {'precision':>9} {'recall':>7} {'TP':>6} {'FP':>6} (positives {table[0]['positives']})"
+            )
             for r in table:
                 print(f"{r['threshold']:>9.2f} {r['precision']:>9.4f} {r['recall']:>7.4f} {r['tp']:>6} {r['fp']:>6}")
     print(json.dumps(results))
