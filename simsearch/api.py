@@ -62,14 +62,20 @@ class SimIndex:
         batch_size: int = 32,
         seed: int = 0,
         input_size: int | None = None,
+        representative: list[str] | None = None,
     ) -> SimIndex:
-        """Create an empty index for a backbone (builds the model to learn its signature)."""
+        """Create an empty index for a backbone (builds the model to learn its signature).
+
+        `representative`: image paths that calibrate `precision="int8"` (a sample of the images to index).
+        """
         from .embed import Embedder
 
         kw = _embed_kwargs(fit, precision)
+        calibration = list(representative or []) if precision == "int8" else []
         emb = Embedder(backbone, weights=weights, pooling=pooling, batch_size=batch_size, engine=engine,
-                       seed=seed, input_size=input_size, **kw)  # fmt: skip
-        store = IndexStore.create(path, {**emb.signature(), "seed": seed})
+                       seed=seed, input_size=input_size, representative=calibration or None, **kw)  # fmt: skip
+        extra = {"calibration": calibration} if calibration else {}
+        store = IndexStore.create(path, {**emb.signature(), "seed": seed, **extra})
         idx = cls(store)
         idx._embedder = emb
         return idx
@@ -129,7 +135,8 @@ class SimIndex:
             weights = None if sig["weights"] == "none" else sig["weights"]
             self._embedder = Embedder(
                 sig["backbone"], weights=weights, pooling=sig["pooling"], fit=sig["fit"],
-                precision=sig.get("precision", "fp32"), input_size=sig["input_size"], seed=sig.get("seed", 0),
+                precision=sig.get("precision", "fp32"),
+                representative=sig.get("calibration"), input_size=sig["input_size"], seed=sig.get("seed", 0),
                 **self._options,
             )  # fmt: skip
             self.store.check_signature(self._embedder.signature())
@@ -149,7 +156,8 @@ class SimIndex:
         """Sync a folder into the index (add new, re-embed changed, drop deleted files); holds the write lock."""
         self.store.acquire_lock()
         try:
-            return sync_folder(self.store, self.embedder, folder, progress=progress, commit_every=commit_every)
+            emb = self._embedder or (lambda: self.embedder)
+            return sync_folder(self.store, emb, folder, progress=progress, commit_every=commit_every)
         finally:
             self.store.release_lock()
 

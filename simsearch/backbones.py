@@ -318,6 +318,37 @@ FILE_PREPROCESS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def describe_lite(
+    name: str,
+    weights: str | Path | None = "imagenet",
+    pooling: str = "avg",
+    input_size: int | None = None,
+    seed: int = 0,
+) -> Backbone | None:
+    """The Backbone of an EfficientNet-Lite *without building it* (model=None), or None for other families.
+
+    Lets an embedder whose converted TFLite model is already cached start without TensorFlow.
+    """
+    try:
+        info = resolve(name)
+    except BadInputError:
+        return None
+    if info.family != "lite" or pooling not in POOLINGS:
+        return None
+    from .efficientnet_lite import lite_weights_file, preprocess_lite
+
+    label, wfile = _weights_arg(weights)
+    if label == "none":
+        digest = f"random-seed{seed}"
+    else:
+        used = wfile or lite_weights_file(_LITE[info.name])
+        if used is None:
+            return None
+        digest = file_digest(used)
+    size = int(input_size or info.input_size)
+    return Backbone(info, None, preprocess_lite, size, 1280, pooling, label, digest)
+
+
 def load_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | Path | None = "imagenet",

@@ -109,6 +109,15 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _calibration_sample(folder: Path, n: int = 64) -> list[str]:
+    """Evenly spaced images of the folder: the representative set for int8 calibration."""
+    from .images import find_images
+
+    found = [str(p) for p in find_images(folder.expanduser())]
+    step = max(1, len(found) // n)
+    return found[::step][:n]
+
+
 def _hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -155,8 +164,9 @@ def index_cmd(
         else:
             idx.check_backbone(opts)
     else:
+        rep = _calibration_sample(folder) if precision == "int8" else None
         idx = SimIndex.create(path, **{k: v for k, v in opts.items() if v is not None}, engine=engine,
-                              batch_size=batch_size)  # fmt: skip
+                              batch_size=batch_size, representative=rep)  # fmt: skip
     with idx:
         try:
             report = idx.add_folder(folder, progress=_Progress("indexing"), commit_every=commit_every)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, describe_lite, load_backbone
 from .errors import BadInputError
 from .images import FITS, ImageLoadError, load_image
 
@@ -73,14 +73,30 @@ class _KerasEngine:
         return np.asarray(self._fn(batch))
 
 
+def _tflite_key(backbone: Backbone, fit: str) -> str:
+    digest = hashlib.sha256(repr(sorted(backbone.signature().items())).encode() + f"|{fit}".encode()).hexdigest()[:20]
+    return f"{backbone.info.name.replace('/', '_')[-40:]}-{digest}"
+
+
+def _cached_tflite(backbone: Backbone, precision: str, fit: str, calibrated: bool) -> Path | None:
+    from . import tflite_exec
+
+    path = tflite_exec._cache_path(tflite_exec.default_cache_dir(), _tflite_key(backbone, fit), precision, calibrated)
+    return path if tflite_exec._looks_valid(path) else None
+
+
 def _tflite_engine(backbone: Backbone, precision: str, fit: str, representative: Callable | None) -> Any:
     from . import tflite_exec
 
-    key = hashlib.sha256(repr(sorted(backbone.signature().items())).encode() + f"|{fit}".encode()).hexdigest()[:20]
-    path = tflite_exec.load_or_convert(
-        tflite_exec.default_cache_dir(), f"{backbone.info.name.replace('/', '_')[-40:]}-{key}",
-        lambda: backbone.model, precision=precision, representative=representative,
-    )  # fmt: skip
+    path = _cached_tflite(backbone, precision, fit, representative is not None)
+    if path is None:
+        if backbone.model is None:
+            backbone = load_backbone(backbone.info.name, None if backbone.weights == "none" else backbone.weights,
+                                     backbone.pooling, backbone.input_size)  # fmt: skip
+        path = tflite_exec.load_or_convert(
+            tflite_exec.default_cache_dir(), _tflite_key(backbone, fit),
+            lambda: backbone.model, precision=precision, representative=representative,
+        )  # fmt: skip
     runner = tflite_exec.TFLiteRunner(path)
     runner.name = f"tflite-{precision}"
     return runner
@@ -111,11 +127,15 @@ class Embedder:
             raise BadInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if engine == "keras" and precision != "fp32":
             raise BadInputError("--precision fp16/int8 needs the tflite engine")
-        self.backbone = (
-            backbone
-            if isinstance(backbone, Backbone)
-            else load_backbone(backbone, weights=weights, pooling=pooling, input_size=input_size, seed=seed)
-        )
+        self.backbone = backbone if isinstance(backbone, Backbone) else None
+        if self.backbone is None and engine != "keras":
+            # A cached TFLite model of the default family needs neither TensorFlow nor the Keras model.
+            lite = describe_lite(backbone, weights, pooling, input_size, seed)
+            calibrated = precision == "int8" and representative is not None
+            if lite is not None and _cached_tflite(lite, precision, fit, calibrated):
+                self.backbone = lite
+        if self.backbone is None:
+            self.backbone = load_backbone(backbone, weights=weights, pooling=pooling, input_size=input_size, seed=seed)
         self.fit = fit
         self.batch_size = max(1, int(batch_size))
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -145,6 +165,10 @@ class Embedder:
                 raise BadInputError(f"TFLite engine unavailable for {self.backbone.name}: {_one_line(e)}") from e
             print(f"simsearch: warning: TFLite conversion failed ({_one_line(e)}); using Keras", file=sys.stderr)
             self.precision = "fp32"
+            if self.backbone.model is None:
+                b = self.backbone
+                self.backbone = load_backbone(b.info.name, None if b.weights == "none" else b.weights, b.pooling,
+                                              b.input_size)  # fmt: skip
             return _KerasEngine(self.backbone)
 
     @property

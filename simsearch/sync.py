@@ -89,13 +89,17 @@ class SyncInterrupted(Exception):
 
 def sync_folder(
     store: IndexStore,
-    embedder: Embedder,
+    embedder: Embedder | Callable[[], Embedder],
     folder: str | Path,
     progress: ProgressFn | None = None,
     commit_every: int = 256,
     commit_seconds: float = 10.0,
 ) -> SyncReport:
-    """Sync `folder` (recursively) into `store`; the caller holds the store's write lock."""
+    """Sync `folder` (recursively) into `store`; the caller holds the store's write lock.
+
+    `embedder` may be a zero-argument factory: it is only called when some file needs embedding, so a no-op sync
+    never loads the model (or TensorFlow).
+    """
     t0 = time.perf_counter()
     root = Path(folder).expanduser()
     if not root.exists():
@@ -153,7 +157,12 @@ def sync_folder(
     try:
         if progress:
             progress(0, len(todo))
-        for batch in embedder.embed_files(todo, known_hash=sha_ids.__contains__):
+        batches = (
+            (embedder if isinstance(embedder, Embedder) else embedder()).embed_files(todo, sha_ids.__contains__)
+            if todo
+            else []
+        )
+        for batch in batches:
             pending.extend(batch)
             done += len(batch)
             if len(pending) >= commit_every or time.monotonic() - last_commit > commit_seconds:
