@@ -82,6 +82,9 @@ def _resolve_index(index: Path | None) -> Path:
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+IndexPath = Annotated[
+    Path | None, typer.Option("--index", "-i", help="Index directory (default: the only one under ./indexes).")
+]
 
 
 class _Progress:
@@ -199,9 +202,7 @@ def index_cmd(
 @app.command("query")
 def query_cmd(
     images: Annotated[list[Path], typer.Argument(help="Query image file(s), indexed or not.")],
-    index: Annotated[
-        Path | None, typer.Option("--index", "-i", help="Index directory (default: the only one under ./indexes).")
-    ] = None,
+    index: IndexPath = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of neighbours.")] = 10,
     min_score: Annotated[float | None, typer.Option("--min-score", help="Only matches with cosine >= this.")] = None,
     engine: Annotated[
@@ -230,9 +231,7 @@ def query_cmd(
 
 @app.command("info")
 def info_cmd(
-    index: Annotated[
-        Path | None, typer.Option("--index", "-i", help="Index directory (default: the only one under ./indexes).")
-    ] = None,
+    index: IndexPath = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Show an index's model, counts and files."""
@@ -272,9 +271,7 @@ def backbones_cmd(
 
 @app.command("dedup")
 def dedup_cmd(
-    index: Annotated[
-        Path | None, typer.Option("--index", "-i", help="Index directory (default: the only one under ./indexes).")
-    ] = None,
+    index: IndexPath = None,
     threshold: Annotated[
         float | None, typer.Option("--threshold", "-t", help="Near-duplicate cosine threshold.")
     ] = None,
