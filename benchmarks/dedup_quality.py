@@ -153,7 +153,8 @@ def main() -> int:
                   + ", ".join(f"{k} {v[0]:.3f}/{v[1]:.3f}" for k, v in edit_scores.items()))  # fmt: skip
             print(f"rotated copies: median cosine to original {np.median(rot_scores):.3f}")
             print(
-                f"{'threshold':>9} {'precision':>9} {'recall':>7} {'TP':>6} {'FP':>6} (positives {table[0]['positives']})"
+                f"{'threshold':>9} {'precision':>9} {'recall':>7} {'TP':>6} {'FP':>6} "
+                f"(positives {table[0]['positives']})"
             )
             for r in table:
                 print(f"{r['threshold']:>9.2f} {r['precision']:>9.4f} {r['recall']:>7.4f} {r['tp']:>6} {r['fp']:>6}")

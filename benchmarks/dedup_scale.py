@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-cos", type=float, default=0.93)
     p.add_argument("--max-cos", type=float, default=0.99)
     p.add_argument("--exact", choices=["auto", "yes", "no"], default="auto")
-    p.add_argument("--nprobe", type=int, default=dg.DEFAULT_NPROBE)
+    p.add_argument("--nprobe", type=int, default=None, help="default: 64 below 512 dimensions, else 32")
     p.add_argument("--nlist", type=int, default=None)
     args = p.parse_args(argv)
     exact = {"auto": None, "yes": True, "no": False}[args.exact]
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dim": args.dim,
         "threshold": args.threshold,
         "planted_groups": args.groups,
-        "mode": "exact" if exact else f"ivf nprobe={args.nprobe}",
+        "mode": "exact" if exact else f"ivf nprobe={args.nprobe or dg.default_nprobe(args.dim)}",
         "threads": faiss.omp_get_max_threads(),
     }
     t0 = time.perf_counter()
