@@ -50,7 +50,7 @@ FITS = ("resize", "crop", "pad")
 MAX_PIXELS = 178_956_970
 """Largest accepted image, in pixels (Pillow's own hard limit: 2 x ``Image.MAX_IMAGE_PIXELS``)."""
 
-RESAMPLE = Image.Resampling.BICUBIC
+RESAMPLE = Image.Resampling.BILINEAR
 REDUCING_GAP = 3.0
 WHITE = (255, 255, 255)
 SNIFF_BYTES = 64
