@@ -1,0 +1,87 @@
+"""Embedding behaviour with the real default backbone: normalised, stable, robust to orientation and bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simsearch.embed import Embedder
+
+from .conftest import skimage_photo
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+def _jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def test_vectors_are_unit_float32_and_identical_for_identical_bytes(embedder: Embedder, tmp_path: Path) -> None:
+    data = _jpeg(skimage_photo("astronaut"))
+    (tmp_path / "a.jpg").write_bytes(data)
+    (tmp_path / "b.jpg").write_bytes(data)
+    others = [skimage_photo(n) for n in ("coffee", "rocket", "chelsea")]
+    # the same file at different batch positions, between other images
+    res = embedder.embed([tmp_path / "a.jpg", *others, tmp_path / "b.jpg"])
+    v = res.vectors
+    assert v.dtype == np.float32 and v.flags.c_contiguous and v.shape == (5, 1280)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(v[0], v[4])
+
+
+def test_exif_rotated_jpeg_embeds_like_the_upright_image(embedder: Embedder, tmp_path: Path) -> None:
+    upright = skimage_photo("chelsea")
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # pixels stored turned left, the tag says turn them back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    (tmp_path / "up.jpg").write_bytes(_jpeg(upright))
+    (tmp_path / "tagged.jpg").write_bytes(_jpeg(stored, exif=exif.tobytes()))
+    (tmp_path / "untagged.jpg").write_bytes(_jpeg(stored))
+    v = embedder.embed([tmp_path / "up.jpg", tmp_path / "tagged.jpg", tmp_path / "untagged.jpg"]).vectors
+    assert v[0] @ v[1] > 0.99
+    assert v[0] @ v[2] < v[0] @ v[1] - 0.1  # without the tag it really is a different picture to the model
+
+
+def test_edited_copies_are_closer_than_different_photos(embedder: Embedder) -> None:
+    photos = {n: skimage_photo(n) for n in ("astronaut", "coffee", "chelsea", "rocket")}
+    for name, arr in photos.items():
+        im = Image.fromarray(arr)
+        small = im.resize((int(im.width * 0.8), int(im.height * 0.8)), Image.BICUBIC)
+        v = embedder.embed([arr, Image.open(io.BytesIO(_jpeg(np.asarray(small))))] + [
+            a for n, a in photos.items() if n != name]).vectors  # fmt: skip
+        assert v[0] @ v[1] > max(v[0] @ v[k] for k in range(2, len(v))) + 0.2, name
+
+
+def test_bad_inputs_are_reported_not_raised(embedder: Embedder, tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    Image.fromarray(skimage_photo("coffee")).save(good)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    res = embedder.embed([good, tmp_path / "empty.jpg", tmp_path / "text.jpg", tmp_path / "missing.jpg"])
+    assert res.vectors.shape == (1, 1280) and res.sources == [good]
+    errors = dict((Path(p).name, e) for p, e in res.errors)
+    assert set(errors) == {"empty.jpg", "text.jpg", "missing.jpg"}
+    assert all("\n" not in e for e in errors.values())
+
+
+def test_streaming_records_carry_identity_and_errors(embedder: Embedder, tmp_path: Path) -> None:
+    paths = []
+    for k, name in enumerate(("astronaut", "coffee", "chelsea")):
+        p = tmp_path / f"{k}.jpg"
+        p.write_bytes(_jpeg(skimage_photo(name)))
+        paths.append(str(p))
+    (tmp_path / "cut.jpg").write_bytes(Path(paths[0]).read_bytes()[:2000])
+    paths.append(str(tmp_path / "cut.jpg"))
+    recs = [r for batch in Embedder(embedder.backbone, batch_size=2).embed_files(paths) for r in batch]
+    assert [r.path for r in recs] == paths  # input order is kept
+    assert all(r.vector is not None and len(r.sha256) == 64 and r.width > 0 for r in recs[:3])
+    assert recs[3].vector is None and "truncated" in recs[3].error
