@@ -119,14 +119,12 @@ def sync_folder(
     present = set(paths)
 
     todo: list[str] = []
-    stats: dict[str, os.stat_result] = {}
     for p in paths:
         try:
             st = os.stat(p)
         except OSError as e:
             report.skipped.append({"path": p, "error": f"cannot read: {e.strerror or e}"})
             continue
-        stats[p] = st
         row = existing.get(p)
         if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
             report.unchanged += 1
@@ -142,7 +140,8 @@ def sync_folder(
     for r in gone.values():
         gone_by_sha.setdefault(r.sha256, []).append(r)
     sha_ids = store.sha_to_id()
-    stale_failures = [p for p in failed if p.startswith(scope) and p not in present]
+    under = scope.rstrip(os.sep) + os.sep
+    stale_failures = [p for p in failed if (p == scope or p.startswith(under)) and p not in present]
 
     done = 0
     pending: list[FileRecord] = []
