@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import sys
 import threading
 from collections import deque
@@ -247,8 +248,10 @@ class Embedder:
     ) -> Iterator[list[FileRecord]]:
         """Stream files: read each once (stat, sha256, decode), embed in batches, yield records batch by batch.
 
-        Files whose sha256 `known_hash` accepts are not decoded (their stored vector is reused by the caller).
-        At most `prefetch` decoded images are held at once, so memory is flat in the number of files.
+        Three stages overlap: worker threads decode, this thread assembles and preprocesses batches (and runs the
+        caller's work on each yielded batch), one inference thread runs the model. Files whose sha256
+        `known_hash` accepts are not decoded (their stored vector is reused by the caller). At most `prefetch`
+        decoded images plus two batches are held at once, so memory is flat in the number of files.
         """
         window = prefetch or self.batch_size * 3
         s, fit = self.backbone.input_size, self.fit
@@ -256,35 +259,75 @@ class Embedder:
         def work(path: str) -> tuple[FileRecord, np.ndarray | None]:
             return _read_and_decode(path, s, fit, known_hash)
 
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="simsearch-decode") as pool:
-            pending: deque[Future] = deque()
-            it = iter(paths)
-            batch: list[tuple[FileRecord, np.ndarray | None]] = []
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < window:
-                    try:
-                        pending.append(pool.submit(work, next(it)))
-                    except StopIteration:
-                        exhausted = True
-                if not pending:
-                    break
-                batch.append(pending.popleft().result())
-                if sum(a is not None for _, a in batch) >= self.batch_size or (exhausted and not pending):
-                    yield self._finish(batch)
-                    batch = []
-            if batch:
-                yield self._finish(batch)
+        todo: queue.Queue = queue.Queue(maxsize=2)
+        done: queue.Queue = queue.Queue()
 
-    def _finish(self, batch: list[tuple[FileRecord, np.ndarray | None]]) -> list[FileRecord]:
-        arrays = [a for _, a in batch if a is not None]
-        if arrays:
-            vecs = self.embed_pixels(np.stack(arrays))
-            it = iter(vecs)
-            for rec, a in batch:
-                if a is not None:
-                    rec.vector = next(it)
-        return [rec for rec, _ in batch]
+        def infer() -> None:
+            while (item := todo.get()) is not None:
+                batch, x = item
+                try:
+                    done.put((batch, None if x is None else self._run(x), None))
+                except BaseException as e:  # handed to the consumer, which re-raises it
+                    done.put((batch, None, e))
+
+        runner = threading.Thread(target=infer, name="simsearch-infer", daemon=True)
+        runner.start()
+        in_flight = 0
+
+        def submit(batch: list[tuple[FileRecord, np.ndarray | None]]) -> None:
+            nonlocal in_flight
+            arrays = [a for _, a in batch if a is not None]
+            x = np.ascontiguousarray(self.backbone.preprocess(np.stack(arrays)), np.float32) if arrays else None
+            todo.put((batch, x))
+            in_flight += 1
+
+        def collect(block: bool) -> Iterator[list[FileRecord]]:
+            nonlocal in_flight
+            while in_flight and (block or not done.empty()):
+                batch, vecs, err = done.get()
+                in_flight -= 1
+                if err is not None:
+                    raise err
+                yield _attach(batch, vecs)
+
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="simsearch-decode") as pool:
+                pending: deque[Future] = deque()
+                it = iter(paths)
+                batch: list[tuple[FileRecord, np.ndarray | None]] = []
+                exhausted = False
+                while True:
+                    while not exhausted and len(pending) < window:
+                        try:
+                            pending.append(pool.submit(work, next(it)))
+                        except StopIteration:
+                            exhausted = True
+                    if not pending:
+                        break
+                    batch.append(pending.popleft().result())
+                    if sum(a is not None for _, a in batch) >= self.batch_size or (exhausted and not pending):
+                        submit(batch)
+                        batch = []
+                        yield from collect(block=False)
+                if batch:
+                    submit(batch)
+            yield from collect(block=True)
+        finally:
+            todo.put(None)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return l2_normalise(self.engine(x))
+
+
+def _attach(batch: list[tuple[FileRecord, np.ndarray | None]], vecs: np.ndarray | None) -> list[FileRecord]:
+    """Give each decoded record its vector (in order) and return the records."""
+    if vecs is not None:
+        it = iter(vecs)
+        for rec, a in batch:
+            if a is not None:
+                rec.vector = next(it)
+    return [rec for rec, _ in batch]
 
 
 def _read_and_decode(

@@ -8,8 +8,11 @@ most the chunk in flight and the next run resumes from there.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,9 +152,10 @@ def sync_folder(
 
     def commit() -> None:
         nonlocal pending, last_commit
-        if pending:
-            _apply(store, pending, existing, gone, gone_by_sha, sha_ids, report)
-        pending, last_commit = [], time.monotonic()
+        chunk, pending, last_commit = pending, [], time.monotonic()
+        if chunk:
+            with _deferred_interrupt():
+                _apply(store, chunk, existing, gone, gone_by_sha, sha_ids, report)
 
     try:
         if progress:
@@ -169,7 +173,7 @@ def sync_folder(
             if progress:
                 progress(done, len(todo))
         commit()
-        with store.transaction() as txn:
+        with _deferred_interrupt(), store.transaction() as txn:
             txn.delete(r.id for r in gone.values())
             txn.forget_failures(stale_failures)
         report.removed = len(gone)
@@ -177,11 +181,28 @@ def sync_folder(
         commit()
         report.interrupted = True
     finally:
-        store.save()
+        with _deferred_interrupt():
+            store.save()
         report.seconds = time.perf_counter() - t0
     if report.interrupted:
         raise SyncInterrupted(report)
     return report
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so a commit and the in-memory state that mirrors it never diverge."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def _apply(
