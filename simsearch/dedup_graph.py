@@ -44,6 +44,7 @@ LOW_DIM_NPROBE = 64
 def default_nprobe(dim: int) -> int:
     return LOW_DIM_NPROBE if dim < 512 else DEFAULT_NPROBE
 
+
 _BLOCK_ELEMS = 1 << 24
 _MAX_LIST_BLOCK = 32768
 

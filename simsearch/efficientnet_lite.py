@@ -100,7 +100,10 @@ def _variant(variant: int) -> dict:
 
 def preprocess_lite(x: np.ndarray) -> np.ndarray:
     """Scale RGB pixel values in [0, 255] to the range Lite was trained on: (x - 127) / 128, float32."""
-    return (np.asarray(x, dtype=np.float32) - 127.0) / 128.0
+    out = np.array(x, dtype=np.float32)  # always a fresh array, so the in-place steps below touch no caller data
+    out -= 127.0
+    out *= 1.0 / 128.0  # exact: a power of two
+    return out
 
 
 def lite_package_name(variant: int) -> str:
