@@ -51,10 +51,6 @@ MAX_PIXELS = 178_956_970
 """Largest accepted image, in pixels (Pillow's own hard limit: 2 x ``Image.MAX_IMAGE_PIXELS``)."""
 
 RESAMPLE = Image.Resampling.BILINEAR
-"""Filter for enlarging (and for any axis that grows)."""
-RESAMPLE_DOWN = Image.Resampling.BOX
-"""Filter for shrinking on both axes: area averaging. Same dedup and retrieval quality as bilinear on clothing
-(benchmarks/dedup_quality.py) at a quarter less CPU per image, and shrinking is what nearly every photo needs."""
 REDUCING_GAP = 3.0
 WHITE = (255, 255, 255)
 SNIFF_BYTES = 64
@@ -523,24 +519,19 @@ def _check_size(size: int, fit: str) -> None:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
 
 
-def _filter(src_w: float, src_h: float, dst_w: int, dst_h: int) -> Image.Resampling:
-    return RESAMPLE_DOWN if src_w >= dst_w and src_h >= dst_h else RESAMPLE
-
-
 def fit_image(im: Image.Image, size: int, fit: str = "resize") -> Image.Image:
     """Fit RGB ``im`` to ``size`` x ``size``: squash ("resize"), centre crop ("crop") or letterbox ("pad")."""
     _check_size(size, fit)
     w, h = im.size
     if fit == "resize":
-        return im.resize((size, size), _filter(w, h, size, size), reducing_gap=REDUCING_GAP)
+        return im.resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)
     if fit == "crop":
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
-        box = (left, top, left + side, top + side)
-        return im.resize((size, size), _filter(side, side, size, size), box=box, reducing_gap=REDUCING_GAP)
+        return im.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side), reducing_gap=REDUCING_GAP)
     scale = size / max(w, h)
     nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
-    inner = im.resize((nw, nh), _filter(w, h, nw, nh), reducing_gap=REDUCING_GAP)
+    inner = im.resize((nw, nh), RESAMPLE, reducing_gap=REDUCING_GAP)
     canvas = Image.new("RGB", (size, size), WHITE)
     canvas.paste(inner, ((size - nw) // 2, (size - nh) // 2))
     return canvas

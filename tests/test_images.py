@@ -551,7 +551,8 @@ def test_shrinking_averages_and_enlarging_interpolates() -> None:
     stripes = np.zeros((96, 96, 3), np.uint8)
     stripes[:, ::2] = 255  # one-pixel stripes: an aliasing trap for point-sampling filters
     small = load_image(stripes, 24)
-    assert abs(float(small.mean()) - 127.5) < 2 and small.std() < 2  # every output pixel is the area's average
+    inner = small[1:-1, 1:-1]  # border pixels see a one-sided window
+    assert abs(float(inner.mean()) - 127.5) < 2 and inner.std() < 1  # stripes averaged to grey, not aliased
     tiny = np.array([[[0, 0, 0], [255, 255, 255]], [[255, 255, 255], [0, 0, 0]]], np.uint8)
     big = load_image(tiny, 32)
     assert len(np.unique(big)) > 8  # interpolated ramps, not two-colour blocks
@@ -568,8 +569,7 @@ def test_deterministic_and_source_kinds(tmp_path: Path) -> None:
     assert np.array_equal(a, load_image(p.read_bytes(), 48))
     assert np.array_equal(a, load_image(str(p), 48))
     pil = Image.open(p)
-    # a caller's image is not drafted, so the area filter sees a differently pre-scaled picture: close, not identical
-    assert _mad(a, load_image(pil, 48)) < 4
+    assert _mad(a, load_image(pil, 48)) < 2  # a caller's image is not drafted, hence not bit-identical
     assert pil.mode == "RGB" and pil.size == (200, 150)  # caller's image untouched
 
 
