@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import queue
 import sys
 import threading
 from collections import deque
@@ -143,6 +142,7 @@ class Embedder:
         self.workers = workers or max(2, min(8, (os.cpu_count() or 1) + 1))
         self.precision = precision
         self._lock = threading.Lock()
+        self._serial: ThreadPoolExecutor | None = None
         self.engine = self._make_engine(engine, precision, representative)
 
     def _make_engine(self, engine: str, precision: str, representative: Iterable[Any] | None) -> Any:
@@ -189,9 +189,7 @@ class Embedder:
         """Embed a uint8 (N, S, S, 3) batch already at the model's input size."""
         if len(batch) == 0:
             return np.zeros((0, self.dim), np.float32)
-        x = np.ascontiguousarray(self.backbone.preprocess(batch), dtype=np.float32)
-        with self._lock:
-            return l2_normalise(self.engine(x))
+        return self._run(np.ascontiguousarray(self.backbone.preprocess(batch), dtype=np.float32))
 
     def _load(self, item: Any) -> np.ndarray:
         return load_image(item, self.backbone.input_size, self.fit)
@@ -249,75 +247,72 @@ class Embedder:
         """Stream files: read each once (stat, sha256, decode), embed in batches, yield records batch by batch.
 
         Three stages overlap: worker threads decode, this thread assembles and preprocesses batches (and runs the
-        caller's work on each yielded batch), one inference thread runs the model. Files whose sha256
-        `known_hash` accepts are not decoded (their stored vector is reused by the caller). At most `prefetch`
-        decoded images plus two batches are held at once, so memory is flat in the number of files.
+        caller's work on each yielded batch), and the model runs whole batches on its own threads (one per TFLite
+        interpreter, so every core can run the model while the decoders wait). Files whose sha256 `known_hash`
+        accepts are not decoded (their stored vector is reused by the caller). At most `prefetch` decoded images
+        plus a few batches are held at once, so memory is flat in the number of files.
         """
         window = prefetch or self.batch_size * 3
         s, fit = self.backbone.input_size, self.fit
+        depth = getattr(self.engine, "num_threads", 1) + 2  # batches queued or running on the model at once
 
         def work(path: str) -> tuple[FileRecord, np.ndarray | None]:
             return _read_and_decode(path, s, fit, known_hash)
 
-        todo: queue.Queue = queue.Queue(maxsize=2)
-        done: queue.Queue = queue.Queue()
-
-        def infer() -> None:
-            while (item := todo.get()) is not None:
-                batch, x = item
-                try:
-                    done.put((batch, None if x is None else self._run(x), None))
-                except BaseException as e:  # handed to the consumer, which re-raises it
-                    done.put((batch, None, e))
-
-        runner = threading.Thread(target=infer, name="simsearch-infer", daemon=True)
-        runner.start()
-        in_flight = 0
+        in_flight: deque[tuple[list[tuple[FileRecord, np.ndarray | None]], Future | None]] = deque()
 
         def submit(batch: list[tuple[FileRecord, np.ndarray | None]]) -> None:
-            nonlocal in_flight
             arrays = [a for _, a in batch if a is not None]
             x = np.ascontiguousarray(self.backbone.preprocess(np.stack(arrays)), np.float32) if arrays else None
-            todo.put((batch, x))
-            in_flight += 1
+            in_flight.append((batch, None if x is None else self._submit(x)))
 
         def collect(block: bool) -> Iterator[list[FileRecord]]:
-            nonlocal in_flight
-            while in_flight and (block or not done.empty()):
-                batch, vecs, err = done.get()
-                in_flight -= 1
-                if err is not None:
-                    raise err
-                yield _attach(batch, vecs)
+            while in_flight and (block or len(in_flight) >= depth or _ready(in_flight[0][1])):
+                batch, fut = in_flight.popleft()
+                yield _attach(batch, None if fut is None else l2_normalise(fut.result()))
 
-        try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="simsearch-decode") as pool:
-                pending: deque[Future] = deque()
-                it = iter(paths)
-                batch: list[tuple[FileRecord, np.ndarray | None]] = []
-                exhausted = False
-                while True:
-                    while not exhausted and len(pending) < window:
-                        try:
-                            pending.append(pool.submit(work, next(it)))
-                        except StopIteration:
-                            exhausted = True
-                    if not pending:
-                        break
-                    batch.append(pending.popleft().result())
-                    if sum(a is not None for _, a in batch) >= self.batch_size or (exhausted and not pending):
-                        submit(batch)
-                        batch = []
-                        yield from collect(block=False)
-                if batch:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="simsearch-decode") as pool:
+            pending: deque[Future] = deque()
+            it = iter(paths)
+            batch: list[tuple[FileRecord, np.ndarray | None]] = []
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window:
+                    try:
+                        pending.append(pool.submit(work, next(it)))
+                    except StopIteration:
+                        exhausted = True
+                if not pending:
+                    break
+                batch.append(pending.popleft().result())
+                if sum(a is not None for _, a in batch) >= self.batch_size or (exhausted and not pending):
                     submit(batch)
-            yield from collect(block=True)
-        finally:
-            todo.put(None)
+                    batch = []
+                    yield from collect(block=False)
+            if batch:
+                submit(batch)
+        yield from collect(block=True)
+
+    def _submit(self, x: np.ndarray) -> Future:
+        """Start the model on a preprocessed batch: on a free TFLite interpreter, or on one Keras thread."""
+        if hasattr(self.engine, "submit"):
+            return self.engine.submit(x)
+        if self._serial is None:
+            self._serial = ThreadPoolExecutor(1, thread_name_prefix="simsearch-infer")
+        return self._serial.submit(self._call_engine, x)
+
+    def _call_engine(self, x: np.ndarray) -> np.ndarray:
+        if hasattr(self.engine, "submit"):  # thread-safe on its own
+            return self.engine(x)
+        with self._lock:
+            return self.engine(x)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        with self._lock:
-            return l2_normalise(self.engine(x))
+        return l2_normalise(self._call_engine(x))
+
+
+def _ready(fut: Future | None) -> bool:
+    return fut is None or fut.done()
 
 
 def _attach(batch: list[tuple[FileRecord, np.ndarray | None]], vecs: np.ndarray | None) -> list[FileRecord]:

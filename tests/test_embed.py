@@ -85,3 +85,33 @@ def test_streaming_records_carry_identity_and_errors(embedder: Embedder, tmp_pat
     assert [r.path for r in recs] == paths  # input order is kept
     assert all(r.vector is not None and len(r.sha256) == 64 and r.width > 0 for r in recs[:3])
     assert recs[3].vector is None and "truncated" in recs[3].error
+
+
+def test_pipeline_keeps_order_and_matches_single_calls_across_many_batches(embedder: Embedder, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    paths = []
+    for k in range(23):
+        p = tmp_path / f"{k:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (40 + k, 50, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    e = Embedder(embedder.backbone, batch_size=3)
+    recs = [r for batch in e.embed_files(paths) for r in batch]
+    assert [r.path for r in recs] == paths
+    for r in recs[::5]:
+        np.testing.assert_allclose(r.vector, e.embed_one(r.path), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_failure_in_the_pipeline_reaches_the_caller(embedder: Embedder, tmp_path: Path) -> None:
+    p = tmp_path / "a.jpg"
+    p.write_bytes(_jpeg(skimage_photo("coffee")))
+    e = Embedder(embedder.backbone, batch_size=1)
+
+    class Broken:
+        num_threads = 1
+
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            raise RuntimeError("engine exploded")
+
+    e.engine = Broken()
+    with pytest.raises(RuntimeError, match="engine exploded"):
+        list(e.embed_files([str(p)] * 3))

@@ -79,6 +79,33 @@ def test_runner_switches_batch_sizes_and_returns_fresh_arrays(model, fp32_bytes:
     assert _row_cosines(yb, model.predict(b, verbose=0)).min() >= 0.999
 
 
+@pytest.mark.parametrize(("threads", "micro"), [(1, 32), (2, 2), (3, 1)])
+def test_parallel_interpreters_and_micro_batches_give_the_one_interpreter_result(
+    fp32_bytes: bytes, threads: int, micro: int
+) -> None:
+    reference = TFLiteRunner(fp32_bytes, num_threads=1, micro_batch=64)
+    runner = TFLiteRunner(fp32_bytes, num_threads=threads, micro_batch=micro)
+    for n in (1, 2, 7, 17):
+        x = _images(n, seed=10 + n)
+        want = reference(x)
+        np.testing.assert_allclose(runner(x), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(runner.submit(x).result(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_runner_is_safe_to_share_between_threads(fp32_bytes: bytes) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = TFLiteRunner(fp32_bytes, num_threads=2)
+    batches = [_images(1 + k % 5, seed=100 + k) for k in range(24)]
+    alone = [runner(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        shared = list(pool.map(runner, batches))
+        submitted = [f.result() for f in [runner.submit(b) for b in batches]]
+    for a, b, c in zip(alone, shared, submitted, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+
+
 def test_runner_rejects_wrong_input_shape(fp32_bytes: bytes) -> None:
     runner = TFLiteRunner(fp32_bytes)
     with pytest.raises(ValueError):
