@@ -118,6 +118,14 @@ def main() -> int:
 
         emb = Embedder(bb, precision=args.precision)
         lite_rate = model_rate(emb.engine, batches) if emb.engine_name.startswith("tflite") else float("nan")
+        # Reference: how the model ran before per-core interpreters and micro-batches (one interpreter, all threads,
+        # the whole batch per invoke).
+        single_rate = float("nan")
+        if emb.engine_name.startswith("tflite"):
+            from simsearch.tflite_exec import _Interpreter, _interpreter_class
+
+            one = _Interpreter(_interpreter_class()[0], emb.engine.model_bytes, workers)
+            single_rate = model_rate(one, batches)
 
     res = {
         "images": len(paths),
@@ -127,6 +135,7 @@ def main() -> int:
         "decode_img_s": round(dec_rate, 1),
         "keras_predict_img_s": round(keras_rate, 1),
         "tflite_model_img_s": round(lite_rate, 1),
+        "tflite_single_interpreter_img_s": round(single_rate, 1),
         "end_to_end_img_s": round(e2e_rate, 1),
         "end_to_end_wall_s": round(wall, 1),
         "e2e_vs_tflite": round(e2e_rate / lite_rate, 3),
@@ -139,7 +148,10 @@ def main() -> int:
           f"{size}px, {res['cores']} cores")  # fmt: skip
     print(f"decode + resize only:   {res['decode_img_s']:8.1f} img/s ({workers} threads)")
     print(f"Keras Model.predict:    {res['keras_predict_img_s']:8.1f} img/s (model only, {len(keras_batches)} batches)")
-    print(f"TFLite model only:      {res['tflite_model_img_s']:8.1f} img/s ({res['engine']})")
+    print(f"TFLite model only:      {res['tflite_model_img_s']:8.1f} img/s ({res['engine']}, {workers} interpreters"
+          f" x 1 thread, {emb.engine.micro_batch} images per invoke)")  # fmt: skip
+    print(f"  reference, before:    {res['tflite_single_interpreter_img_s']:8.1f} img/s (1 interpreter x {workers} "
+          f"threads, {args.batch_size} images per invoke)")  # fmt: skip
     print(f"simsearch index (e2e):  {res['end_to_end_img_s']:8.1f} img/s "
           f"({res['e2e_vs_tflite']:.2f}x TFLite model-only, {res['e2e_vs_keras']:.2f}x Keras predict)")  # fmt: skip
     print(f"peak RSS of the index process: {res['peak_rss_mib_index_process']} MiB")

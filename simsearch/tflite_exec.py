@@ -166,6 +166,7 @@ class TFLiteRunner:
         if len(content) < 8 or content[4:8] != _TFLITE_IDENT:
             raise ValueError("not a TFLite model (missing the TFL3 identifier); delete the file to re-convert")
         cls, self.backend = _interpreter_class()
+        self.model_bytes = content
         self.num_threads = max(1, int(num_threads or os.cpu_count() or 1))
         self.micro_batch = max(1, int(micro_batch))
         self._shards = [_Interpreter(cls, content, 1) for _ in range(self.num_threads)]

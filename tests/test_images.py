@@ -488,6 +488,16 @@ def test_draft_is_faster_and_close(tmp_path: Path) -> None:
     assert _mad(a, b) < 2
 
 
+def test_draft_stops_at_seven_eighths_of_the_target(tmp_path: Path) -> None:
+    web = _save(_pattern(400, 533), tmp_path / "web.jpg", "JPEG", quality=92)
+    assert open_image(web, target=224).size == (200, 267)  # half scale (rounded up) covers 200/224 = 0.89 of the target
+    assert open_image(web, target=240).size == (400, 533)  # 200/240 = 0.83 would lose too much
+    small = _save(_pattern(300, 400), tmp_path / "small.jpg", "JPEG", quality=92)
+    assert open_image(small, target=224).size == (300, 400)
+    full = np.asarray(open_image(web).resize((224, 224), Image.Resampling.BILINEAR))
+    assert _mad(load_image(web, 224), full) < 3
+
+
 def test_draft_with_rotation_keeps_target_covered(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
