@@ -7,7 +7,6 @@ stay busy and memory stays bounded by a fixed window of decoded images.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 import threading
@@ -22,7 +21,7 @@ import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, Backbone, describe_lite, load_backbone
 from .errors import BadInputError
-from .images import FITS, ImageLoadError, load_image
+from .images import FITS, ImageLoadError, load_encoded, load_image
 
 DEFAULT_FIT = "resize"
 ENGINES = ("auto", "tflite", "keras")
@@ -342,11 +341,8 @@ def _read_and_decode(
         rec.known = True
         return rec, None
     try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            rec.width, rec.height = im.size
-        return rec, load_image(data, size, fit)
+        pixels, (rec.width, rec.height) = load_encoded(data, size, fit)
+        return rec, pixels
     except ImageLoadError as e:
         rec.error = _strip_path(str(e), path)
     except Exception as e:  # Pillow raises many types for malformed files; any of them is a per-file error

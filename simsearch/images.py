@@ -39,6 +39,7 @@ __all__ = [
     "ImageLoadError",
     "ImageSource",
     "find_images",
+    "load_encoded",
     "load_image",
     "open_image",
     "scan_images",
@@ -418,7 +419,10 @@ def _finish(im: Image.Image, path: str | None, owned: bool) -> Image.Image:
     return out
 
 
-def _open_stream(fp: io.IOBase, head: bytes, path: str | None, target: int | None, max_pixels: int) -> Image.Image:
+def _open_stream(
+    fp: io.IOBase, head: bytes, path: str | None, target: int | None, max_pixels: int
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode (drafted towards ``target``); also return the size stored in the file, before draft and orientation."""
     fmt = sniff_bytes(head)
     if fmt is None:
         raise ImageLoadError("not an image (unknown format)", path)
@@ -426,6 +430,7 @@ def _open_stream(fp: io.IOBase, head: bytes, path: str | None, target: int | Non
         raise ImageLoadError(f"{fmt} image: install the optional pillow-heif package to read it", path)
     fp.seek(0)
     im = _open_pillow(fp, fmt, path, max_pixels)
+    stored = im.size
     try:
         if target is not None and im.format in ("JPEG", "MPO"):
             t = max(1, math.ceil(target * DRAFT_COVERAGE))
@@ -435,7 +440,7 @@ def _open_stream(fp: io.IOBase, head: bytes, path: str | None, target: int | Non
         raise
     except Exception as err:
         raise ImageLoadError(_decode_error(err), path) from err
-    return _finish(im, path, owned=True)
+    return _finish(im, path, owned=True), stored
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:
@@ -492,7 +497,7 @@ def open_image(
         data = bytes(source)
         if not data:
             raise ImageLoadError("empty data (0 bytes)")
-        return _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, target, limit)
+        return _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, target, limit)[0]
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"unsupported image source type {type(source).__name__}")
 
@@ -517,7 +522,7 @@ def open_image(
             head = f.read(SNIFF_BYTES)
         except OSError as err:
             raise ImageLoadError(_reason(err), path) from None
-        return _open_stream(f, head, path, target, limit)
+        return _open_stream(f, head, path, target, limit)[0]
 
 
 def _check_size(size: int, fit: str) -> None:
@@ -551,7 +556,19 @@ def load_image(source: ImageSource, size: int, fit: str = "resize") -> np.ndarra
     Deterministic: identical file bytes always give identical arrays.
     """
     _check_size(size, fit)
-    im = fit_image(open_image(source, target=size), size, fit)
+    return _pixels(fit_image(open_image(source, target=size), size, fit))
+
+
+def load_encoded(data: bytes, size: int, fit: str = "resize") -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_image` of a file's bytes, plus the (width, height) stored in the file, parsing it only once."""
+    _check_size(size, fit)
+    if not data:
+        raise ImageLoadError("empty data (0 bytes)")
+    im, stored = _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, size, MAX_PIXELS)
+    return _pixels(fit_image(im, size, fit)), stored
+
+
+def _pixels(im: Image.Image) -> np.ndarray:
     arr = np.asarray(im, dtype=np.uint8)
     if not arr.flags.c_contiguous or not arr.flags.writeable:
         arr = np.array(arr, dtype=np.uint8, order="C")

@@ -20,6 +20,7 @@ from simsearch.images import (
     FITS,
     ImageLoadError,
     find_images,
+    load_encoded,
     load_image,
     open_image,
     scan_images,
@@ -608,3 +609,14 @@ def test_real_clothing_photos() -> None:
         arr = load_image(f, 224, "crop")
         _check(arr, 224)
         assert arr.std() > 5
+
+
+def test_load_encoded_returns_the_pixels_of_load_image_and_the_stored_size(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    p = _save(_pattern(400, 300), tmp_path / "r.jpg", "JPEG", exif=exif)
+    pixels, stored = load_encoded(p.read_bytes(), 64)
+    assert stored == (400, 300)
+    np.testing.assert_array_equal(pixels, load_image(p, 64))
+    with pytest.raises(ImageLoadError):
+        load_encoded(b"not an image at all", 64)
