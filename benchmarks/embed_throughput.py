@@ -40,6 +40,17 @@ def make_12mp(src: list[Path], out: Path, n: int) -> list[Path]:
     return paths
 
 
+def pad_with_mirrors(src: list[Path], out: Path, n: int) -> list[Path]:
+    """Mirrored, re-encoded copies (q90) of the first photos: new bytes, so each one is decoded and embedded."""
+    paths = []
+    for k in range(n):
+        dst = out / f"mirror-{k:06d}.jpg"
+        with Image.open(src[k % len(src)]) as im:
+            im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(dst, quality=90)
+        paths.append(dst)
+    return paths
+
+
 def decode_rate(paths: list[Path], size: int, workers: int, keep: int) -> tuple[float, np.ndarray]:
     """Decode+resize rate over all paths; the first `keep` arrays are returned for the model-only figures."""
     kept = []
@@ -72,6 +83,13 @@ def main() -> int:
     ap.add_argument("--model-limit", type=int, default=1024, help="Pre-decoded images for TFLite model-only.")
     ap.add_argument("--make-12mp", type=int, default=0, metavar="N", help="Benchmark N upscaled 12 MP JPEGs.")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument(
+        "--pad-to",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Add mirrored copies of the photos until there are N images (e.g. 10000 for the RSS check).",
+    )
     args = ap.parse_args()
     if not args.folder.is_dir():
         print(f"folder not found: {args.folder}", file=sys.stderr)
@@ -89,6 +107,8 @@ def main() -> int:
             folder.mkdir()
             for p in paths:
                 (folder / p.name).symlink_to(p.resolve())
+            if args.pad_to > len(paths):
+                paths = paths + pad_with_mirrors(paths, folder, args.pad_to - len(paths))
 
         # The CLI runs first, while this process is still small: a forked child's peak RSS counts the parent's pages.
         cmd = [sys.executable, "-m", "simsearch.cli", "index", str(folder), "--index", str(tmp / "index"),

@@ -489,10 +489,10 @@ def test_draft_is_faster_and_close(tmp_path: Path) -> None:
     assert _mad(a, b) < 2
 
 
-def test_draft_stops_at_seven_eighths_of_the_target(tmp_path: Path) -> None:
+def test_draft_stops_at_three_quarters_of_the_target(tmp_path: Path) -> None:
     web = _save(_pattern(400, 533), tmp_path / "web.jpg", "JPEG", quality=92)
     assert open_image(web, target=224).size == (200, 267)  # half scale (rounded up) covers 200/224 = 0.89 of the target
-    assert open_image(web, target=240).size == (400, 533)  # 200/240 = 0.83 would lose too much
+    assert open_image(web, target=280).size == (400, 533)  # 200/280 = 0.71 would lose too much
     small = _save(_pattern(300, 400), tmp_path / "small.jpg", "JPEG", quality=92)
     assert open_image(small, target=224).size == (300, 400)
     full = np.asarray(open_image(web).resize((224, 224), Image.Resampling.BILINEAR))
