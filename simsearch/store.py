@@ -73,7 +73,7 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | memoryview | np.ndarray) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -375,7 +375,7 @@ class IndexStore:
     def save(self) -> None:
         """Write the FAISS snapshot and the manifest atomically (after the rows they describe are committed)."""
         f = _faiss()
-        data = f.serialize_index(self.faiss_index).tobytes()
+        data = f.serialize_index(self.faiss_index)  # a uint8 array, written and hashed without another copy
         atomic_write(self.path / FAISS_FILE, data)
         self.manifest.update(
             {
