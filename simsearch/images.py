@@ -561,16 +561,19 @@ def load_image(source: ImageSource, size: int, fit: str = "resize") -> np.ndarra
 
 
 def load_encoded(data: bytes, size: int, fit: str = "resize") -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`load_image` of a file's bytes, plus the (width, height) stored in the file, parsing it only once."""
+    """:func:`load_image` of a file's bytes, plus the (width, height) stored in the file, parsing it only once.
+
+    The array is read-only (it wraps Pillow's pixel bytes without another copy): the indexing pipeline only reads it.
+    """
     _check_size(size, fit)
     if not data:
         raise ImageLoadError("empty data (0 bytes)")
     im, stored = _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, size, MAX_PIXELS)
-    return _pixels(fit_image(im, size, fit)), stored
+    return _pixels(fit_image(im, size, fit), writeable=False), stored
 
 
-def _pixels(im: Image.Image) -> np.ndarray:
+def _pixels(im: Image.Image, writeable: bool = True) -> np.ndarray:
     arr = np.asarray(im, dtype=np.uint8)
-    if not arr.flags.c_contiguous or not arr.flags.writeable:
+    if not arr.flags.c_contiguous or (writeable and not arr.flags.writeable):
         arr = np.array(arr, dtype=np.uint8, order="C")
     return arr

@@ -580,7 +580,9 @@ def test_deterministic_and_source_kinds(tmp_path: Path) -> None:
     assert np.array_equal(a, load_image(p.read_bytes(), 48))
     assert np.array_equal(a, load_image(str(p), 48))
     pil = Image.open(p)
-    assert _mad(a, load_image(pil, 48)) < 2  # a caller's image is not drafted, hence not bit-identical
+    # A caller's image is not drafted (the file decodes at 1/4, 50x38, for a 48 input), hence close, not identical;
+    # the sawtooth channel of the pattern is the worst case for that difference.
+    assert _mad(a, load_image(pil, 48)) < 5
     assert pil.mode == "RGB" and pil.size == (200, 150)  # caller's image untouched
 
 
