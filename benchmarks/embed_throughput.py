@@ -62,14 +62,17 @@ def decode_rate(paths: list[Path], size: int, workers: int, keep: int) -> tuple[
     return len(paths) / (time.perf_counter() - t), np.stack(kept)
 
 
-def model_rate(fn, batches: list[np.ndarray]) -> float:
+def model_rate(fn, batches: list[np.ndarray], min_seconds: float = 0.0) -> float:
+    """Images per second over the batches, repeated until `min_seconds` have passed (steadier than one short pass)."""
     fn(batches[0])  # warm-up (graph tracing, allocation)
     t = time.perf_counter()
     n = 0
-    for b in batches:
-        fn(b)
-        n += len(b)
-    return n / (time.perf_counter() - t)
+    while True:
+        for b in batches:
+            fn(b)
+            n += len(b)
+        if time.perf_counter() - t >= min_seconds:
+            return n / (time.perf_counter() - t)
 
 
 def main() -> int:
@@ -81,6 +84,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--keras-limit", type=int, default=320, help="Images for the (slow) Keras predict figure.")
     ap.add_argument("--model-limit", type=int, default=1024, help="Pre-decoded images for TFLite model-only.")
+    ap.add_argument(
+        "--model-seconds",
+        type=float,
+        default=10.0,
+        help="Repeat the TFLite model-only passes for at least this long (this machine's speed drifts).",
+    )
     ap.add_argument("--make-12mp", type=int, default=0, metavar="N", help="Benchmark N upscaled 12 MP JPEGs.")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument(
@@ -137,15 +146,16 @@ def main() -> int:
         from simsearch.embed import Embedder
 
         emb = Embedder(bb, precision=args.precision)
-        lite_rate = model_rate(emb.engine, batches) if emb.engine_name.startswith("tflite") else float("nan")
+        lite = emb.engine_name.startswith("tflite")
+        lite_rate = model_rate(emb.engine, batches, args.model_seconds) if lite else float("nan")
         # Reference: how the model ran before per-core interpreters and micro-batches (one interpreter, all threads,
         # the whole batch per invoke).
         single_rate = float("nan")
-        if emb.engine_name.startswith("tflite"):
+        if lite:
             from simsearch.tflite_exec import _Interpreter, _interpreter_class
 
             one = _Interpreter(_interpreter_class()[0], emb.engine.model_bytes, workers)
-            single_rate = model_rate(one, batches)
+            single_rate = model_rate(one, batches, args.model_seconds)
 
     res = {
         "images": len(paths),
