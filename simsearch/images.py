@@ -444,6 +444,12 @@ def _open_stream(
     return _finish(im, path, owned=True), stored
 
 
+def _open_bytes(data: bytes, target: int | None, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    if not data:
+        raise ImageLoadError("empty data (0 bytes)")
+    return _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, target, max_pixels)
+
+
 def _from_array(arr: np.ndarray) -> Image.Image:
     a = np.asarray(arr)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -495,10 +501,7 @@ def open_image(
             raise ImageLoadError(_decode_error(err), getattr(source, "filename", None) or None) from err
         return _finish(source, getattr(source, "filename", None) or None, owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        if not data:
-            raise ImageLoadError("empty data (0 bytes)")
-        return _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, target, limit)[0]
+        return _open_bytes(bytes(source), target, limit)[0]
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"unsupported image source type {type(source).__name__}")
 
@@ -566,9 +569,7 @@ def load_encoded(data: bytes, size: int, fit: str = "resize") -> tuple[np.ndarra
     The array is read-only (it wraps Pillow's pixel bytes without another copy): the indexing pipeline only reads it.
     """
     _check_size(size, fit)
-    if not data:
-        raise ImageLoadError("empty data (0 bytes)")
-    im, stored = _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, size, MAX_PIXELS)
+    im, stored = _open_bytes(data, size, MAX_PIXELS)
     return _pixels(fit_image(im, size, fit), writeable=False), stored
 
 

@@ -174,7 +174,6 @@ class TFLiteRunner:
         self.num_threads = max(1, int(num_threads or os.cpu_count() or 1))
         self.micro_batch = max(1, int(micro_batch))
         self._shards = [_Interpreter(cls, content, 1) for _ in range(self.num_threads)]
-        self._it = self._shards[0].it
         in_shape = [int(d) for d in self._shards[0].input["shape"]]
         if len(in_shape) != 4 or in_shape[1] != in_shape[2]:
             raise ValueError(f"expected a square image input (N, S, S, C), got {in_shape}")

@@ -53,7 +53,7 @@ def fp32_bytes(model) -> bytes:
 
 
 def _tensor_dtypes(runner: TFLiteRunner) -> set[str]:
-    return {np.dtype(d["dtype"]).name for d in runner._it.get_tensor_details()}
+    return {np.dtype(d["dtype"]).name for d in runner._shards[0].it.get_tensor_details()}
 
 
 @pytest.mark.parametrize("n", [1, 3, 32])
