@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from simsearch.dedup_graph import similar_pairs
-from simsearch.embed import Embedder
+from simsearch.dedup.graph import similar_pairs
+from simsearch.models.embedder import Embedder
 
 EDITS = ("q30", "half", "crop90", "bright", "text")
 THRESHOLDS = (0.80, 0.82, 0.84, 0.86, 0.88, 0.90, 0.92, 0.94, 0.96)

@@ -1,4 +1,4 @@
-"""Scale benchmark for near-duplicate grouping (simsearch.dedup_graph) on synthetic embeddings.
+"""Scale benchmark for near-duplicate grouping (simsearch.dedup.graph) on synthetic embeddings.
 
 Generates N random unit vectors chunkwise (float32) with planted duplicate groups (a centre plus 1..4
 members at cosine ~U(min_cos, max_cos) to it), finds similar pairs, groups them and checks that every
@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simsearch import dedup_graph as dg  # noqa: E402
+from simsearch.dedup import graph as dg  # noqa: E402
 
 
 def make_vectors(n: int, dim: int, seed: int, chunk: int = 65536) -> np.ndarray:

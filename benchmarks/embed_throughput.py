@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simsearch.backbones import load_backbone
-from simsearch.embed import DEFAULT_FIT
 from simsearch.images import find_images, load_image
+from simsearch.models.backbones import load_backbone
+from simsearch.models.embedder import DEFAULT_FIT
 
 
 def make_12mp(src: list[Path], out: Path, n: int) -> list[Path]:
@@ -143,7 +143,7 @@ def main() -> int:
         keras_batches = batches[: max(1, args.keras_limit // args.batch_size)]
         keras_rate = model_rate(lambda b: bb.model.predict(b, verbose=0), keras_batches)
 
-        from simsearch.embed import Embedder
+        from simsearch.models.embedder import Embedder
 
         emb = Embedder(bb, precision=args.precision)
         lite = emb.engine_name.startswith("tflite")
@@ -152,7 +152,7 @@ def main() -> int:
         # the whole batch per invoke).
         single_rate = float("nan")
         if lite:
-            from simsearch.tflite_exec import _Interpreter, _interpreter_class
+            from simsearch.models.tflite_exec import _Interpreter, _interpreter_class
 
             one = _Interpreter(_interpreter_class()[0], emb.engine.model_bytes, workers)
             single_rate = model_rate(one, batches, args.model_seconds)

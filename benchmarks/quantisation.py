@@ -17,11 +17,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from simsearch.backbones import load_backbone
-from simsearch.dedup import DEFAULT_THRESHOLD
-from simsearch.dedup_graph import similar_pairs
-from simsearch.embed import DEFAULT_FIT, Embedder, l2_normalise
+from simsearch.dedup.finder import DEFAULT_THRESHOLD
+from simsearch.dedup.graph import similar_pairs
 from simsearch.images import find_images, load_image
+from simsearch.models.backbones import load_backbone
+from simsearch.models.embedder import DEFAULT_FIT, Embedder, l2_normalise
 
 
 def run(engine, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, float]:

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE
 from .errors import BadInputError, IndexMismatchError
-from .store import IndexStore
-from .sync import ProgressFn, SyncReport, sync_folder
+from .index.store import IndexStore
+from .index.sync import ProgressFn, SyncReport, sync_folder
+from .models.backbones import DEFAULT_BACKBONE
 
 
 @dataclass
@@ -68,7 +68,7 @@ class SimIndex:
 
         `representative`: image paths that calibrate `precision="int8"` (a sample of the images to index).
         """
-        from .embed import Embedder
+        from .models.embedder import Embedder
 
         kw = _embed_kwargs(fit, precision)
         calibration = list(representative or []) if precision == "int8" else []
@@ -97,7 +97,7 @@ class SimIndex:
     def check_backbone(self, options: dict[str, Any]) -> None:
         """Refuse options that would change the model of an existing index."""
         sig = self.store.signature
-        from .backbones import resolve
+        from .models.backbones import resolve
 
         if options.get("backbone") and resolve(options["backbone"]).name != sig["backbone"]:
             raise IndexMismatchError(
@@ -111,7 +111,7 @@ class SimIndex:
                 )
         w = options.get("weights")
         if w is not None and str(w).lower() not in ("imagenet", "none", "random"):
-            from .backbones import file_digest
+            from .models.backbones import file_digest
 
             p = Path(w).expanduser()
             if not p.is_file():
@@ -129,7 +129,7 @@ class SimIndex:
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from .embed import Embedder
+            from .models.embedder import Embedder
 
             sig = self.store.signature
             weights = None if sig["weights"] == "none" else sig["weights"]
@@ -163,7 +163,7 @@ class SimIndex:
 
     def rebuild(self, backbone_options: dict[str, Any]) -> None:
         """Empty the index and adopt a (possibly new) model; the next `add_folder` re-embeds everything."""
-        from .embed import Embedder
+        from .models.embedder import Embedder
 
         opts = {k: v for k, v in backbone_options.items() if v is not None}
         seed = opts.pop("seed", 0)

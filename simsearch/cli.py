@@ -152,8 +152,8 @@ def index_cmd(
 ) -> None:
     """Build or update (sync) an index of FOLDER. Run it again to add new, changed and removed files."""
     from .api import SimIndex, default_index_path
-    from .store import IndexStore
-    from .sync import SyncInterrupted
+    from .index.store import IndexStore
+    from .index.sync import SyncInterrupted
 
     if not folder.expanduser().exists():
         raise BadInputError(f"folder not found: {folder}")
@@ -254,7 +254,7 @@ def backbones_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """List the available backbones: name, embedding size, input size, weights available offline."""
-    from .backbones import DEFAULT_BACKBONE, list_backbones
+    from .models.backbones import DEFAULT_BACKBONE, list_backbones
 
     rows = list_backbones()
     if as_json:
@@ -307,9 +307,9 @@ def dedup_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Find groups of exact copies and near duplicates; report them, or move/delete the extra copies (undoable)."""
-    from .actions import apply_plan, plan_action
     from .api import SimIndex
-    from .dedup import DEFAULT_THRESHOLD, explain_pair, find_duplicates
+    from .dedup.actions import apply_plan, plan_action
+    from .dedup.finder import DEFAULT_THRESHOLD, explain_pair, find_duplicates
 
     prefer = prefer or []
     t = DEFAULT_THRESHOLD if threshold is None else threshold
@@ -325,11 +325,11 @@ def dedup_cmd(
                                  rotations=idx.embedder if rotations else None)  # fmt: skip
         plan = plan_action(report, action, to, idx.store, prefer=prefs, permanent=permanent)
         if html_out:
-            from .report import write_html
+            from .dedup.report import write_html
 
             typer.echo(f"wrote {write_html(report, idx.store, html_out)}", err=True)
         if csv_out:
-            from .report import write_csv
+            from .dedup.report import write_csv
 
             typer.echo(f"wrote {write_csv(report, idx.store, csv_out)}", err=True)
         undo_file = apply_plan(plan, idx.store) if (yes and plan.moves) else None
@@ -365,7 +365,7 @@ def undo_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Put back the files a dedup action moved or trashed, and their index entries."""
-    from .actions import undo
+    from .dedup.actions import undo
 
     if not manifest.expanduser().is_file():
         raise BadInputError(f"undo manifest not found: {manifest}")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simsearch.backbones import (
+from simsearch.errors import BadInputError, WeightsUnavailableError
+from simsearch.models.backbones import (
     DEFAULT_BACKBONE,
     list_backbones,
     load_backbone,
     normalise_name,
     resolve,
 )
-from simsearch.errors import BadInputError, WeightsUnavailableError
 
 # A representative sample (one per family) builds in the default run; SIMSEARCH_ALL_BACKBONES=1 builds all.
 SAMPLE = ["vgg16", "resnet50_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0", "convnext_tiny"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from simsearch.api import SimIndex
-from simsearch.dedup import find_duplicates
+from simsearch.dedup.finder import find_duplicates
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for simsearch.dedup_graph against brute-force references on small planted data."""
+"""Tests for simsearch.dedup.graph against brute-force references on small planted data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from simsearch import dedup_graph as dg
+from simsearch.dedup import graph as dg
 
 THRESHOLD = 0.9
 

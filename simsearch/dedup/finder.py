@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInputError
-from .store import IndexStore, Row
+from ..errors import BadInputError
+from ..index.store import IndexStore, Row
 
 DEFAULT_THRESHOLD = 0.90  # best F1 on clothing + generated edits (benchmarks/dedup_quality.py)
 GROUP_MODES = ("connected", "star")
@@ -116,7 +116,7 @@ def find_duplicates(
     `rotations`: an Embedder; when given, copies rotated by 90/180/270 degrees or mirrored are matched too (each
     representative file is decoded once more and embedded four times).
     """
-    from .dedup_graph import connected_groups, group_min_scores, similar_pairs, star_groups
+    from .graph import connected_groups, group_min_scores, similar_pairs, star_groups
 
     if group not in GROUP_MODES:
         raise BadInputError(f"unknown group mode {group!r}; choose {' or '.join(GROUP_MODES)}")

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .dedup import DedupReport, is_preferred
-from .errors import BadInputError
-from .store import IndexStore, atomic_write
+from ..errors import BadInputError
+from ..index.store import IndexStore, atomic_write
+from .finder import DedupReport, is_preferred
 
 ACTIONS = ("report", "move", "delete")
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .embed import Embedder, FileRecord
-from .errors import BadInputError
-from .images import scan_images
+from ..errors import BadInputError
+from ..images import scan_images
+from ..models.embedder import Embedder, FileRecord
 from .store import IndexStore, Row
 
 ProgressFn = Callable[[int, int], None]

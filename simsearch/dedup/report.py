@@ -11,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .dedup import DedupReport
-from .images import ImageLoadError, open_image
-from .store import IndexStore, atomic_write
+from ..images import ImageLoadError, open_image
+from ..index.store import IndexStore, atomic_write
+from .finder import DedupReport
 
 THUMB = 180
 

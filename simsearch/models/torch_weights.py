@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from simsearch.errors import WeightsUnavailableError
+from ..errors import WeightsUnavailableError
 
 __all__ = ["WeightsFileError", "load_torch_state_dict"]
 

