@@ -24,6 +24,11 @@ _EXPORTS = {
     "SimsearchError": "errors",
     "load_image": "images",
     "find_images": "images",
+    "train": "training.trainer",
+    "TrainResult": "training.trainer",
+    "evaluate": "training.evaluation",
+    "resolve_backbone": "models.backbones",
+    "BackboneSpec": "models.backbones",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -33,5 +38,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__, and no submodule import can replace it
+        return value
     raise AttributeError(f"module 'simsearch' has no attribute {name!r}")

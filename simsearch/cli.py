@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -87,31 +86,6 @@ IndexPath = Annotated[
 ]
 
 
-class _Progress:
-    """A one-line progress bar with rate and ETA on stderr (only when stderr is a terminal)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if not self.tty or (now - self.last < 0.2 and done < total):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else 0
-        width = 30
-        filled = int(width * done / total) if total else width
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {rate:6.1f} img/s ETA {_hms(eta)}  ")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _calibration_sample(folder: Path, n: int = 64) -> list[str]:
     """Evenly spaced images of the folder: the representative set for int8 calibration."""
     from .images import find_images
@@ -121,18 +95,15 @@ def _calibration_sample(folder: Path, n: int = 64) -> list[str]:
     return found[::step][:n]
 
 
-def _hms(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 @app.command("index")
 def index_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder of images to index (recursively).")],
     index: Annotated[
         Path | None, typer.Option("--index", "-i", help="Index directory (default ./indexes/<folder name>).")
     ] = None,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b", help="Backbone name or .keras file.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", "-b", help="Backbone name, .keras file or trained MODEL_DIR.")
+    ] = None,
     weights: Annotated[
         str | None, typer.Option("--weights", "-w", help="'imagenet', 'none', or a local weights file.")
     ] = None,
@@ -170,9 +141,11 @@ def index_cmd(
         rep = _calibration_sample(folder) if precision == "int8" else None
         idx = SimIndex.create(path, **{k: v for k, v in opts.items() if v is not None}, engine=engine,
                               batch_size=batch_size, representative=rep)  # fmt: skip
-    with idx:
+    from .progress import display
+
+    with idx, display() as shown:
         try:
-            report = idx.add_folder(folder, progress=_Progress("indexing"), commit_every=commit_every)
+            report = idx.add_folder(folder, progress=shown.images, commit_every=commit_every)
         except SyncInterrupted as e:
             r = e.report
             print(
@@ -321,8 +294,11 @@ def dedup_cmd(
             _emit(data) if as_json else typer.echo(text)
             return
         prefs = [str(p) for p in prefer]
-        report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=prefs, near=not exact_only,
-                                 rotations=idx.embedder if rotations else None)  # fmt: skip
+        from .progress import display
+
+        with display() as shown:
+            report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=prefs, near=not exact_only,
+                                     rotations=idx.embedder if rotations else None, progress=shown.stage)  # fmt: skip
         plan = plan_action(report, action, to, idx.store, prefer=prefs, permanent=permanent)
         if html_out:
             from .dedup.report import write_html
@@ -378,6 +354,103 @@ def undo_cmd(
         typer.echo(f"  missing, not restored: {m}", err=True)
     if res["permanently_deleted"]:
         typer.echo(f"  {res['permanently_deleted']} files were deleted permanently and cannot be restored", err=True)
+
+
+@app.command("train")
+def train_cmd(
+    folder: Annotated[Path, typer.Argument(help="Labelled images: one subfolder per label (or --labels CSV).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="MODEL_DIR to write (refused if it exists).")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Base backbone name or .keras file.")] = (
+        "efficientnet-lite0"
+    ),
+    weights: Annotated[str, typer.Option("--weights", "-w", help="'imagenet', 'none', or a weights file.")] = (
+        "imagenet"
+    ),
+    mode: Annotated[str, typer.Option("--mode", help="head (backbone frozen) or finetune (also its last block).")] = (
+        "head"
+    ),
+    dim: Annotated[int, typer.Option("--dim", min=2, help="Embedding size of the trained head.")] = 256,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Most epochs (default 60 head, 10 finetune).")
+    ] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="Share held out for validation.")] = 0.2,
+    split_by: Annotated[
+        str, typer.Option("--split", help="labels (hold out whole labels: new items) or images (of every label).")
+    ] = "labels",
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV of path,label instead of subfolders.")] = None,
+    loss: Annotated[str, typer.Option("--loss", help="proxy (normalised softmax) or ms (multi-similarity).")] = (
+        "proxy"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the split, initialisation and augmentation.")] = 0,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=32, help="Model input size.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Adapt a backbone to your labelled images; the MODEL_DIR then works as --backbone everywhere."""
+    from .progress import display
+    from .training.trainer import train
+
+    if not folder.expanduser().is_dir():
+        raise BadInputError(f"folder not found: {folder}")
+    with display() as shown:
+        res = train(folder, out, backbone=backbone, weights=weights, mode=mode, dim=dim, epochs=epochs,
+                    val_split=val_split, split_by=split_by, seed=seed, labels=labels, loss=loss,
+                    overwrite=overwrite, input_size=input_size, progress=shown.train)  # fmt: skip
+    if as_json:
+        _emit(res.to_json())
+    else:
+        m, t = res.manifest["metrics"], res.manifest["training"]
+        typer.echo(
+            f"Trained {t['mode']} ({t['loss']} loss) on {t['split']['train_images']} images in {res.seconds:.1f} s "
+            f"into {res.model_dir}: held-out mAP {m['val_map_before']:.4f} -> {m['val_map']:.4f}, "
+            f"P@1 {m['val_p_at_1_before']:.4f} -> {m['val_p_at_1']:.4f} (best epoch {t['best_epoch']} of "
+            f"{t['epochs_run']}, {t['best_phase']})."
+        )
+        for w in res.warnings:
+            typer.echo(f"simsearch: warning: {w}", err=True)
+        typer.echo(f"Index with it: simsearch index FOLDER --backbone {res.model_dir}")
+    if res.interrupted:
+        typer.echo(f"simsearch: interrupted; the best model so far is saved in {res.model_dir}", err=True)
+        raise typer.Exit(130)
+
+
+@app.command("eval")
+def eval_cmd(
+    folder: Annotated[Path, typer.Argument(help="Labelled images: one subfolder per label (or --labels CSV).")],
+    backbone: Annotated[
+        list[str] | None, typer.Option("--backbone", "-b", help="Backbone name or MODEL_DIR (repeatable).")
+    ] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV of path,label instead of subfolders.")] = None,
+    target_precision: Annotated[
+        float, typer.Option("--target-precision", help="Precision the same-label threshold must reach.")
+    ] = 0.99,
+    weights: Annotated[str, typer.Option("--weights", "-w", help="Weights of registry backbones.")] = "imagenet",
+    heldout: Annotated[
+        Path | None, typer.Option("--heldout", help="Evaluate only the validation files of this MODEL_DIR.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Retrieval quality of backbones on labelled images, side by side: mAP, P@1, recall@k, threshold."""
+    from .progress import display
+    from .training.evaluation import evaluate
+
+    if not folder.expanduser().is_dir():
+        raise BadInputError(f"folder not found: {folder}")
+    with display() as shown:
+        results = evaluate(folder, backbone or ["efficientnet-lite0"], labels=labels, weights=weights,
+                           target_precision=target_precision, heldout=heldout,
+                           progress=lambda ph, d, t: shown.update(ph, d, t, unit="img"))  # fmt: skip
+    if as_json:
+        _emit({"results": results})
+        return
+    typer.echo(f"{'backbone':<40}{'images':>7}{'labels':>7}{'mAP':>8}{'P@1':>8}{'R@5':>8}{'R@10':>8}"
+               f"  threshold@{target_precision:g} (recall)")  # fmt: skip
+    for r in results:
+        th = r["threshold"]
+        thr = f"{th['value']:.4f} ({th['recall']:.3f})" if th.get("value") is not None else "not reached"
+        name = r["backbone"] if len(r["backbone"]) <= 39 else "..." + r["backbone"][-36:]
+        typer.echo(f"{name:<40}{r['images']:>7}{r['labels']:>7}{r['map']:>8.4f}{r['p_at_1']:>8.4f}"
+                   f"{r['recall_at']['5']:>8.4f}{r['recall_at']['10']:>8.4f}  {thr}")  # fmt: skip
 
 
 @app.command("demo")

@@ -8,7 +8,7 @@ file that could go is counted once: `duplicates` = sum over groups of (size - 1)
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,12 +110,14 @@ def find_duplicates(
     prefer: Sequence[str] = (),
     near: bool = True,
     rotations: Any = None,
+    progress: Callable[[str], None] | None = None,
 ) -> DedupReport:
     """Group the index's files into exact and near-duplicate groups, kept file first in each.
 
     `rotations`: an Embedder; when given, copies rotated by 90/180/270 degrees or mirrored are matched too (each
-    representative file is decoded once more and embedded four times).
+    representative file is decoded once more and embedded four times). `progress` is told each stage's name.
     """
+    stage = progress or (lambda _text: None)
     from .graph import connected_groups, group_min_scores, similar_pairs, star_groups
 
     if group not in GROUP_MODES:
@@ -124,6 +126,7 @@ def find_duplicates(
         raise BadInputError("threshold must be between -1 and 1")
     rules = parse_keep(keep)
     prefer = [os.path.abspath(os.path.expanduser(p)) for p in prefer]
+    stage("reading the index")
     rows = store.all_rows()
     if not rows:
         return DedupReport(threshold, [], group, rules)
@@ -139,10 +142,13 @@ def find_duplicates(
     if near:
         reps = [members[0] for members in by_sha.values()]  # in keep order: position = priority
         vecs = store.vectors([r.id for r in reps])
+        stage(f"similar pairs among {len(reps)} images")
         i, j, s = similar_pairs(vecs, threshold)
         n = len(reps)
         if rotations is not None:
+            stage("rotated and mirrored copies")
             i, j, s = _merge_pairs(i, j, s, *_rotation_pairs(rotations, [r.path for r in reps], vecs, threshold))
+        stage(f"grouping {len(i)} pairs")
         if group == "star":
             found = star_groups(n, i, j, s, np.arange(n))
             mins = group_min_scores(found, i, j, s, centre_only=True)

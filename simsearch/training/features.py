@@ -1,0 +1,74 @@
+"""Frozen-backbone features of a labelled set, computed once on the fast embedding path and cached on disk.
+
+The cache key covers the backbone signature, the fit and every file's path, size and mtime, so a retrain with
+other head settings reuses the features and any change to a file recomputes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..models.tflite_exec import default_cache_dir
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def features_cache_dir() -> Path:
+    env = os.environ.get("SIMSEARCH_CACHE")
+    return (Path(env).expanduser() if env else default_cache_dir().parent) / "features"
+
+
+def _key(signature: dict, fit: str, paths: list[str]) -> str:
+    h = hashlib.sha256(repr(sorted(signature.items())).encode() + fit.encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:32]
+
+
+def extract_features(
+    embedder: object, paths: list[str], progress: ProgressFn | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """(features (n_ok, d) float32, indices of the readable paths, [(path, error)]) for `paths`, cached."""
+    sig = embedder.signature()  # type: ignore[attr-defined]
+    cache = features_cache_dir() / f"{_key(sig, sig.get('fit', ''), paths)}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                errs = [(paths[int(i)], str(e)) for i, e in zip(z["err_idx"], z["err_msg"], strict=True)]
+                if progress:
+                    progress("features", len(paths), len(paths))
+                return z["vectors"].astype(np.float32), z["ok"].astype(np.int64), errs
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is recomputed
+    position = {p: i for i, p in enumerate(paths)}
+    vecs, ok, errors = [], [], []
+    done = 0
+    for batch in embedder.embed_files(paths):  # type: ignore[attr-defined]
+        for rec in batch:
+            i = position[rec.path]
+            if rec.vector is not None:
+                vecs.append(rec.vector)
+                ok.append(i)
+            else:
+                errors.append((i, rec.error or "unreadable"))
+        done += len(batch)
+        if progress:
+            progress("features", done, len(paths))
+    order = np.argsort(ok, kind="stable")
+    v = np.stack(vecs)[order].astype(np.float32) if vecs else np.zeros((0, embedder.dim), np.float32)  # type: ignore[attr-defined]
+    ok_arr = np.asarray(ok, np.int64)[order]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, vectors=v, ok=ok_arr, err_idx=np.array([i for i, _ in errors], np.int64),
+             err_msg=np.array([m for _, m in errors], dtype=str))  # fmt: skip
+    os.replace(tmp, cache)
+    return v, ok_arr, [(paths[i], m) for i, m in errors]

@@ -1,0 +1,118 @@
+"""What fine-tuning needs beyond the head: a cut through the backbone, augmented views, cached activations.
+
+The backbone is split at the latest point where one tensor carries everything (no skip connection crosses it)
+and the upper part holds at least `UPPER_FRACTION` of the parameters: for EfficientNet-Lite0 that is the input
+of the last block (the last block and the 1280-wide head conv are trained, 30% of the weights). The lower part is
+run once per augmented view and its activations kept in memory as float16, so each epoch only runs the small upper
+part forwards and backwards: this is what makes fine-tuning practical on 2 cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from ..images import ImageLoadError, load_image
+from ..models._keras import keras
+
+UPPER_FRACTION = 0.25
+
+
+def split_backbone(model: Any, fraction: float = UPPER_FRACTION) -> tuple[Any, Any, str]:
+    """(lower, upper, cut layer name): lower(x) -> activations, upper(activations) -> pooled features."""
+    k = keras()
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    for layer in reversed(model.layers[1:]):
+        out = layer.output
+        if len(out.shape) != 4:
+            continue
+        try:
+            upper = k.Model(out, model.output)
+        except Exception:  # a skip connection crosses this point
+            continue
+        n = sum(int(np.prod(w.shape)) for w in upper.weights)
+        if n >= fraction * total:
+            return k.Model(model.input, out), upper, layer.name
+    raise ValueError(f"no point to cut {model.name} for fine-tuning")
+
+
+def freeze_batchnorm(model: Any) -> None:
+    """BatchNorm layers keep their ImageNet statistics and scales (small batches would wreck them)."""
+    k = keras()
+    for layer in model.layers:
+        if isinstance(layer, k.layers.BatchNormalization):
+            layer.trainable = False
+        elif hasattr(layer, "layers"):
+            freeze_batchnorm(layer)
+
+
+def augmented_view(path: str, size: int, fit: str, rng: np.random.Generator) -> np.ndarray:
+    """A random resized crop (45-100% of the area, aspect 3/4-4/3), a flip and colour jitter (+-25%), uint8."""
+    base = load_image(path, int(size * 1.25), fit)
+    h, w = base.shape[:2]
+    for _ in range(10):
+        area = rng.uniform(0.45, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+        if ch <= h and cw <= w:
+            break
+    else:
+        ch, cw = h, w
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    im = Image.fromarray(base[y : y + ch, x : x + cw]).resize((size, size), Image.BILINEAR)
+    if rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        im = enhancer(im).enhance(float(rng.uniform(0.75, 1.25)))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def view_activations(
+    lower: Any,
+    preprocess: Callable[[np.ndarray], np.ndarray],
+    paths: list[str],
+    size: int,
+    fit: str,
+    views: int,
+    seed: int,
+    progress: Callable[[str, int, int], None] | None = None,
+    batch: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(activations (n_ok, views, h, w, c) float16, indices of readable paths); view 0 is the plain image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..models._keras import tensorflow
+
+    tf = tensorflow()
+    fn = tf.function(lower, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, 2**31, size=(len(paths), views))
+
+    def load(i: int) -> list[np.ndarray] | None:
+        try:
+            plain = load_image(paths[i], size, fit)
+            r = [np.random.default_rng(int(s)) for s in seeds[i, 1:]]
+            return [plain] + [augmented_view(paths[i], size, fit, g) for g in r]
+        except ImageLoadError:
+            return None
+
+    out: list[np.ndarray] = []
+    ok: list[int] = []
+    with ThreadPoolExecutor(2) as pool:
+        for start in range(0, len(paths), batch):
+            idx = list(range(start, min(len(paths), start + batch)))
+            loaded = list(pool.map(load, idx))
+            good = [(i, v) for i, v in zip(idx, loaded, strict=True) if v is not None]
+            if good:
+                x = np.stack([img for _, v in good for img in v])
+                act = np.asarray(fn(np.ascontiguousarray(preprocess(x), np.float32)))
+                out.append(act.reshape(len(good), views, *act.shape[1:]).astype(np.float16))
+                ok += [i for i, _ in good]
+            if progress:
+                progress("views", min(len(paths), start + batch), len(paths))
+    if not out:
+        return np.zeros((0, views, 1, 1, 1), np.float16), np.zeros(0, np.int64)
+    return np.concatenate(out), np.asarray(ok, np.int64)

@@ -1,0 +1,375 @@
+"""Train a projection head (optionally fine-tuning the backbone's last block) on a labelled folder.
+
+`head`: the backbone is frozen and its features are computed once (fast TFLite path, cached on disk); only the
+projection and the label proxies learn. `finetune`: the head is trained first exactly as in `head`, then the
+backbone's upper part (see `finetune.split_backbone`) learns with it at a 10x lower rate, BatchNorm frozen, on
+cached activations of augmented views. Both stop early on the held-out validation mAP and keep the best epoch:
+fine-tuning is kept only where it beats the head on held-out images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BadInputError
+from ..models.backbones import DEFAULT_BACKBONE, resolve_backbone
+from ..models.embedder import DEFAULT_FIT
+from .labels import LabelledSet, Split, load_labelled, split
+from .metrics import retrieval_metrics
+
+MODES = ("head", "finetune")
+TrainProgress = Callable[[str, int, int, dict], None]
+
+DEFAULTS = {
+    "head": {"epochs": 60, "patience": 10, "batch_size": 128, "lr": 3e-3},
+    "finetune": {"epochs": 10, "patience": 3, "batch_size": 64, "lr": 1e-3, "backbone_lr": 1e-4},
+}
+
+
+@dataclass
+class TrainResult:
+    """What training made and how it went: the MODEL_DIR, its manifest, the per-epoch history."""
+
+    model_dir: str
+    manifest: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_dir": self.model_dir, "mode": self.manifest["training"]["mode"],
+                "metrics": self.manifest["metrics"], "split": self.manifest["training"]["split"],
+                "epochs": len(self.history), "best_epoch": self.manifest["training"]["best_epoch"],
+                "seconds": round(self.seconds, 2), "interrupted": self.interrupted, "warnings": self.warnings,
+                "skipped": self.skipped, "history": self.history}  # fmt: skip
+
+
+class _Stop(Exception):
+    pass
+
+
+def train(
+    folder: str | Path,
+    out: str | Path,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = "imagenet",
+    mode: str = "head",
+    dim: int = 256,
+    epochs: int | None = None,
+    val_split: float = 0.2,
+    split_by: str = "labels",
+    seed: int = 0,
+    labels: str | Path | None = None,
+    loss: str = "proxy",
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    patience: int | None = None,
+    dropout: float = 0.1,
+    weight_decay: float = 1e-4,
+    views: int = 4,
+    fit: str = DEFAULT_FIT,
+    pooling: str = "avg",
+    input_size: int | None = None,
+    progress: TrainProgress | None = None,
+) -> TrainResult:
+    """Adapt `backbone` to the labelled images of `folder` and write a MODEL_DIR to `out` (see module docs).
+
+    Labels are the first-level subfolders, or `labels` (a path,label CSV). `split_by="labels"` holds out whole
+    labels for validation, `"images"` a share of every label's images. Ctrl-C stops training and keeps the best
+    epoch so far (`interrupted` in the result).
+    """
+    from .heads import LOSSES
+
+    t0 = time.perf_counter()
+    if mode not in MODES:
+        raise BadInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if loss not in LOSSES:
+        raise BadInputError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if dim < 2:
+        raise BadInputError("--dim must be at least 2")
+    if epochs is not None and epochs < 1:
+        raise BadInputError("--epochs must be at least 1")
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise BadInputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    cfg = {**DEFAULTS[mode]}
+    cfg.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                   "patience": patience}.items() if v is not None})  # fmt: skip
+    data = load_labelled(folder, labels)
+    warnings = list(data.warnings)
+    sp = split(data, split_by, val_split, seed)
+    spec = resolve_backbone(backbone, weights, pooling, input_size, seed)
+    if spec.family == "trained":
+        raise BadInputError("train from a registry backbone or a .keras file, not from a trained MODEL_DIR")
+
+    from ..models.embedder import Embedder
+    from .features import extract_features
+
+    emb = Embedder(spec, fit=fit, seed=seed)
+    note = progress or (lambda *a: None)
+    feats, ok, errors = extract_features(emb, data.paths, lambda ph, d, t: note(ph, d, t, {}))
+    skipped = [{"path": p, "error": e} for p, e in errors]
+    if skipped:
+        warnings.append(f"skipped {len(skipped)} unreadable file(s)")
+    tr, va = _readable(sp, ok, data)
+    lab_all = data.label_ids()
+    row = {int(i): r for r, i in enumerate(ok)}  # data index -> feature row
+    y_tr, y_va = lab_all[tr], lab_all[va]
+    f_tr, f_va = feats[[row[i] for i in tr]], feats[[row[i] for i in va]]
+    before = retrieval_metrics(f_va, y_va, target_precision=None)
+
+    from ..models._keras import keras, tensorflow
+    from .heads import batches, build_head, make_loss
+
+    k, tf = keras(), tensorflow()
+    k.utils.set_random_seed(seed)
+    _, y_tr_dense = np.unique(y_tr, return_inverse=True)
+    n_labels = int(y_tr_dense.max()) + 1
+    head = build_head(feats.shape[1], dim, dropout, seed)
+    loss_fn = make_loss(loss, n_labels, dim, seed)
+    rng = np.random.default_rng(seed)
+    history: list[dict[str, Any]] = []
+    state = _Loop(history, note, warnings)
+
+    # ---- phase 1: the head on frozen features ------------------------------------------------------------------
+    opt = k.optimizers.AdamW(learning_rate=cfg["lr"] if mode == "head" else DEFAULTS["head"]["lr"],
+                             weight_decay=weight_decay)  # fmt: skip
+    head_vars = head.trainable_variables + loss_fn.variables
+
+    @tf.function(reduce_retracing=True)
+    def head_step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            value = loss_fn(head(x, training=True), y)
+        opt.apply_gradients(zip(tape.gradient(value, head_vars), head_vars, strict=True))
+        return value
+
+    sample = rng.permutation(len(tr))[:1500]
+
+    def head_eval() -> tuple[float, float, float]:
+        v = np.asarray(head(f_va, training=False))
+        m = retrieval_metrics(v, y_va, target_precision=None)
+        t = np.asarray(head(f_tr[sample], training=False))
+        return retrieval_metrics(t, y_tr[sample], target_precision=None).map, m.map, m.p_at_1
+
+    head_cfg = cfg if mode == "head" else DEFAULTS["head"]
+    state.run(
+        "head", head_cfg["epochs"], head_cfg["patience"],
+        lambda: [float(head_step(f_tr[b], y_tr_dense[b])) for b in batches(y_tr_dense, head_cfg["batch_size"],
+                                                                            loss, rng)],
+        head_eval, lambda: [v.numpy().copy() for v in head_vars],
+        lambda s: [v.assign(x) for v, x in zip(head_vars, s, strict=True)], baseline=before.map,
+    )  # fmt: skip
+
+    bb = spec.build()
+    cut, ft_metrics = None, None
+    if mode == "finetune" and not state.interrupted:
+        cut, ft_metrics = _finetune(bb, spec, data, tr, va, y_tr_dense, y_va, head, loss_fn, head_vars, cfg, views,
+                                    fit, seed, loss, weight_decay, rng, state, note)  # fmt: skip
+
+    # ---- export --------------------------------------------------------------------------------------------------
+    inp = k.Input((spec.input_size, spec.input_size, 3), name="image")
+    model = k.Model(inp, head(k.layers.UnitNormalization(name="features_norm")(bb.model(inp))),
+                    name="simsearch_trained")  # fmt: skip
+    best = state.best_entry()
+    tag = "finetune" if best.get("phase") == "finetune" else "head"
+    # held-out metrics of what is exported (head: on the cached features, which is what the model computes)
+    final_va = ft_metrics if tag == "finetune" else retrieval_metrics(np.asarray(head(f_va, training=False)), y_va)
+    manifest = {
+        "simsearch_version": _version(),
+        "base": {**spec.signature(bb.dim), "fit": fit, "seed": seed},
+        "preprocess": spec.preprocess,
+        "input_size": spec.input_size,
+        "fit": fit,
+        "dim": dim,
+        "pooling": f"{spec.pooling}+head",
+        "training": {
+            "mode": mode, "loss": loss, "files": len(tr) + len(va), "labels": len(set(data.labels)),
+            "files_digest": data.digest(), "split": sp.to_json(data), "best_epoch": best.get("epoch"),
+            "best_phase": tag, "epochs_run": len(history), "cut": cut, "views": views if mode == "finetune" else None,
+            "params": {**cfg, "dim": dim, "dropout": dropout, "weight_decay": weight_decay},
+            "interrupted": state.interrupted,
+        },
+        "metrics": {"val_map_before": round(before.map, 6), "val_p_at_1_before": round(before.p_at_1, 6),
+                    "val_map": round(final_va.map, 6), "val_p_at_1": round(final_va.p_at_1, 6),
+                    "val_recall_at": {str(kk): round(v, 6) for kk, v in final_va.recall_at.items()},
+                    "val_threshold": final_va.threshold},
+    }  # fmt: skip
+    written = _write(out, model, manifest, history, data, sp, va, overwrite)
+    return TrainResult(str(out), written, history, time.perf_counter() - t0, state.interrupted, warnings, skipped)
+
+
+def _readable(sp: Split, ok: np.ndarray, data: LabelledSet) -> tuple[np.ndarray, np.ndarray]:
+    okset = set(ok.tolist())
+    tr = np.array([i for i in sp.train if i in okset], np.int64)
+    va = np.array([i for i in sp.val if i in okset], np.int64)
+    labels = np.array(data.labels)
+    if len(set(labels[va])) < 2 or len(set(labels[tr])) < 2:
+        raise BadInputError("too few readable images left to train and validate (need 2 labels in each part)")
+    return tr, va
+
+
+class _Loop:
+    """Epochs with early stopping on validation mAP, best-state restore, history, overfitting warning, Ctrl-C."""
+
+    def __init__(self, history: list[dict[str, Any]], note: TrainProgress, warnings: list[str]) -> None:
+        self.history, self.note, self.warnings = history, note, warnings
+        self.interrupted = False
+        self.best_map = -1.0
+        self._warned = False
+
+    def best_entry(self) -> dict[str, Any]:
+        good = [h for h in self.history if h.get("best")]
+        return good[-1] if good else {}
+
+    def run(self, phase: str, epochs: int, patience: int, epoch_fn: Callable[[], list[float]],
+            eval_fn: Callable[[], tuple[float, float, float]], get: Callable[[], Any], put: Callable[[Any], Any],
+            baseline: float = -1.0) -> None:  # fmt: skip
+        best_state, stale = get(), 0
+        self.best_map = max(self.best_map, baseline)
+        t_start = time.perf_counter()
+        try:
+            for e in range(1, epochs + 1):
+                t = time.perf_counter()
+                losses = epoch_fn()
+                tr_map, va_map, va_p1 = eval_fn()
+                improved = va_map > self.best_map + 1e-5
+                entry = {"epoch": len(self.history) + 1, "phase": phase, "loss": round(float(np.mean(losses)), 6),
+                         "train_map": round(tr_map, 6), "val_map": round(va_map, 6), "val_p_at_1": round(va_p1, 6),
+                         "seconds": round(time.perf_counter() - t, 3), "best": improved}  # fmt: skip
+                self.history.append(entry)
+                if improved:
+                    self.best_map, best_state, stale = va_map, get(), 0
+                else:
+                    stale += 1
+                self._check_overfit()
+                per = (time.perf_counter() - t_start) / e
+                self.note("epoch", e, epochs, {**entry, "phase": phase, "eta": per * (epochs - e)})
+                if stale >= patience:
+                    break
+        except KeyboardInterrupt:
+            self.interrupted = True
+        put(best_state)
+
+    def _check_overfit(self) -> None:
+        h = self.history
+        if self._warned or len(h) < 3 or h[-1]["phase"] != h[-3]["phase"]:
+            return
+        if h[-1]["val_map"] < h[-2]["val_map"] < h[-3]["val_map"] and h[-1]["train_map"] > h[-3]["train_map"]:
+            self._warned = True
+            self.warnings.append(
+                f"validation mAP fell for 2 epochs while training mAP rose (overfitting at epoch {h[-1]['epoch']}); "
+                "the best validation epoch is kept"
+            )
+            print(f"simsearch: warning: {self.warnings[-1]}", file=sys.stderr)
+
+
+def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndarray, y_tr: np.ndarray,
+              y_va: np.ndarray, head: Any, loss_fn: Any, head_vars: list, cfg: dict, views: int, fit: str, seed: int,
+              loss: str, weight_decay: float, rng: np.random.Generator, state: _Loop,
+              note: TrainProgress) -> tuple[str, Any]:  # fmt: skip
+    """Phase 2: train the backbone's upper part with the head on cached activations of augmented views."""
+    from ..models._keras import keras, tensorflow
+    from .finetune import freeze_batchnorm, split_backbone, view_activations
+    from .heads import batches
+
+    k, tf = keras(), tensorflow()
+    freeze_batchnorm(bb.model)
+    lower, upper, cut = split_backbone(bb.model)
+    prep = bb.preprocess
+    size = spec.input_size
+    paths = data.paths
+    a_tr, ok_tr = view_activations(lower, prep, [paths[i] for i in tr], size, fit, views, seed,
+                                   lambda ph, d, t: note("views", d, t, {}))  # fmt: skip
+    a_va, ok_va = view_activations(lower, prep, [paths[i] for i in va], size, fit, 1, seed,
+                                   lambda ph, d, t: note("views-val", d, t, {}))  # fmt: skip
+    y_tr, y_va = y_tr[ok_tr], y_va[ok_va]
+    up_vars = upper.trainable_variables
+    opt_h = k.optimizers.AdamW(learning_rate=cfg["lr"], weight_decay=weight_decay)
+    opt_b = k.optimizers.AdamW(learning_rate=cfg["backbone_lr"], weight_decay=weight_decay)
+    norm = k.layers.UnitNormalization()
+
+    @tf.function(reduce_retracing=True)
+    def step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            value = loss_fn(head(norm(upper(x, training=False)), training=True), y)
+        grads = tape.gradient(value, head_vars + up_vars)
+        opt_h.apply_gradients(zip(grads[: len(head_vars)], head_vars, strict=True))
+        opt_b.apply_gradients(zip(grads[len(head_vars) :], up_vars, strict=True))
+        return value
+
+    @tf.function(reduce_retracing=True)
+    def embed(x: Any) -> Any:
+        return head(norm(upper(x, training=False)), training=False)
+
+    def run_embed(acts: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(embed(acts[i : i + 256].astype(np.float32)))
+                               for i in range(0, len(acts), 256)])  # fmt: skip
+
+    sample = rng.permutation(len(a_tr))[:1000]
+
+    def epoch() -> list[float]:
+        out = []
+        for b in batches(y_tr, cfg["batch_size"], loss, rng):
+            v = rng.integers(0, views, size=len(b))
+            out.append(float(step(a_tr[b, v].astype(np.float32), y_tr[b])))
+        return out
+
+    def evaluate() -> tuple[float, float, float]:
+        m = retrieval_metrics(run_embed(a_va[:, 0]), y_va, target_precision=None)
+        t = retrieval_metrics(run_embed(a_tr[sample, 0]), y_tr[sample], target_precision=None)
+        return t.map, m.map, m.p_at_1
+
+    all_vars = head_vars + up_vars
+    state.run("finetune", cfg["epochs"], cfg["patience"], epoch, evaluate,
+              lambda: [v.numpy().copy() for v in all_vars],
+              lambda s: [v.assign(x) for v, x in zip(all_vars, s, strict=True)])  # fmt: skip
+    return cut, retrieval_metrics(run_embed(a_va[:, 0]), y_va)
+
+
+def _write(out: Path, model: Any, manifest: dict[str, Any], history: list[dict[str, Any]], data: LabelledSet,
+           sp: Split, va: np.ndarray, overwrite: bool) -> dict[str, Any]:  # fmt: skip
+    """Write the MODEL_DIR next to `out` and move it into place, so a failed write never leaves half a model."""
+    from ..models.model_dir import write_model_dir
+    from .plot import plot_history
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(tmp, model, manifest)
+    (tmp / "history.json").write_text(json.dumps(history, indent=1))
+    val_files = sorted(os.path.relpath(data.paths[i], data.root) for i in va)
+    (tmp / "split.json").write_text(json.dumps({"root": data.root, **sp.to_json(data), "val_files": val_files,
+                                                "val_labels": sorted({data.labels[i] for i in va})}))  # fmt: skip
+    plot_history(history, tmp / "training.png")
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp)
+            raise BadInputError(f"{out} already exists; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    from ..models.model_dir import read_manifest
+
+    return read_manifest(out)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
