@@ -392,9 +392,9 @@ def resolve_backbone(
     Never builds a model. Lite and trained models resolve without TensorFlow; keras.applications names import
     Keras to read their constructors. `preprocess` only applies to a user's `.keras` file.
     """
-    if pooling not in POOLINGS:
-        raise BadInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     info = resolve(str(name))
+    if info.family != "trained" and pooling not in POOLINGS:
+        raise BadInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if info.family == "trained":
         from .model_dir import read_manifest
 

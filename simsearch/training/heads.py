@@ -1,6 +1,7 @@
 """Projection heads and metric-learning losses (TensorFlow ops; imported only when training).
 
-- head: dropout -> dense (no bias) -> L2 normalisation, on L2-normalised backbone features;
+- head: dropout -> dense -> L2 normalisation, on L2-normalised backbone features, initialised as the PCA of the
+  training features (centred), so the untrained head already keeps what the backbone knows;
 - `proxy` loss: normalised softmax over one learnt proxy per label (cosine logits / temperature);
 - `ms` loss: multi-similarity with hard-pair mining, on batches of P labels x K images.
 """
@@ -16,15 +17,30 @@ from ..models._keras import keras, tensorflow
 LOSSES = ("proxy", "ms")
 
 
-def build_head(in_dim: int, dim: int, dropout: float, seed: int) -> Any:
+def pca_init(features: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(kernel (d, dim), bias (dim,)) projecting centred features on their top `dim` principal directions."""
+    x = np.asarray(features, np.float64)
+    if dim > min(x.shape):
+        return None
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    kernel = vt[:dim].T.astype(np.float32)
+    return kernel, (-mean @ kernel).astype(np.float32)
+
+
+def build_head(
+    in_dim: int, dim: int, dropout: float, seed: int, init: tuple[np.ndarray, np.ndarray] | None = None
+) -> Any:
     """The trainable projection: (n, in_dim) unit features -> (n, dim) unit embeddings."""
     k = keras()
     inp = k.Input((in_dim,), name="features")
     x = k.layers.Dropout(dropout, seed=seed, name="head_dropout")(inp)
-    x = k.layers.Dense(dim, use_bias=False, kernel_initializer=k.initializers.Orthogonal(seed=seed),
-                       name="head_dense")(x)  # fmt: skip
-    out = k.layers.UnitNormalization(name="embedding")(x)
-    return k.Model(inp, out, name="simsearch_head")
+    dense = k.layers.Dense(dim, kernel_initializer=k.initializers.Orthogonal(seed=seed), name="head_dense")
+    out = k.layers.UnitNormalization(name="embedding")(dense(x))
+    model = k.Model(inp, out, name="simsearch_head")
+    if init is not None:
+        dense.set_weights([init[0], init[1]])
+    return model
 
 
 class ProxyLoss:

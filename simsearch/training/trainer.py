@@ -132,13 +132,14 @@ def train(
     before = retrieval_metrics(f_va, y_va, target_precision=None)
 
     from ..models._keras import keras, tensorflow
-    from .heads import batches, build_head, make_loss
+    from .heads import batches, build_head, make_loss, pca_init
 
     k, tf = keras(), tensorflow()
     k.utils.set_random_seed(seed)
     _, y_tr_dense = np.unique(y_tr, return_inverse=True)
     n_labels = int(y_tr_dense.max()) + 1
-    head = build_head(feats.shape[1], dim, dropout, seed)
+    head = build_head(feats.shape[1], dim, dropout, seed, pca_init(f_tr, dim))
+    init = retrieval_metrics(np.asarray(head(f_va, training=False)), y_va, target_precision=None)
     loss_fn = make_loss(loss, n_labels, dim, seed)
     rng = np.random.default_rng(seed)
     history: list[dict[str, Any]] = []
@@ -170,7 +171,7 @@ def train(
         lambda: [float(head_step(f_tr[b], y_tr_dense[b])) for b in batches(y_tr_dense, head_cfg["batch_size"],
                                                                             loss, rng)],
         head_eval, lambda: [v.numpy().copy() for v in head_vars],
-        lambda s: [v.assign(x) for v, x in zip(head_vars, s, strict=True)], baseline=before.map,
+        lambda s: [v.assign(x) for v, x in zip(head_vars, s, strict=True)],
     )  # fmt: skip
 
     bb = spec.build()
@@ -203,10 +204,16 @@ def train(
             "interrupted": state.interrupted,
         },
         "metrics": {"val_map_before": round(before.map, 6), "val_p_at_1_before": round(before.p_at_1, 6),
+                    "val_map_untrained_head": round(init.map, 6),
                     "val_map": round(final_va.map, 6), "val_p_at_1": round(final_va.p_at_1, 6),
                     "val_recall_at": {str(kk): round(v, 6) for kk, v in final_va.recall_at.items()},
                     "val_threshold": final_va.threshold},
     }  # fmt: skip
+    if final_va.map <= before.map:
+        warnings.append(
+            f"the trained model does not beat {spec.name} on the held-out images (mAP {final_va.map:.4f} vs "
+            f"{before.map:.4f}): index with {spec.name} itself, or train on more labels"
+        )
     written = _write(out, model, manifest, history, data, sp, va, overwrite)
     return TrainResult(str(out), written, history, time.perf_counter() - t0, state.interrupted, warnings, skipped)
 
@@ -235,10 +242,9 @@ class _Loop:
         return good[-1] if good else {}
 
     def run(self, phase: str, epochs: int, patience: int, epoch_fn: Callable[[], list[float]],
-            eval_fn: Callable[[], tuple[float, float, float]], get: Callable[[], Any], put: Callable[[Any], Any],
-            baseline: float = -1.0) -> None:  # fmt: skip
+            eval_fn: Callable[[], tuple[float, float, float]], get: Callable[[], Any],
+            put: Callable[[Any], Any]) -> None:  # fmt: skip
         best_state, stale = get(), 0
-        self.best_map = max(self.best_map, baseline)
         t_start = time.perf_counter()
         try:
             for e in range(1, epochs + 1):

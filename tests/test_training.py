@@ -1,0 +1,337 @@
+"""Transfer learning: labelled folders, splits, training a head (and fine-tuning), MODEL_DIR as a backbone, eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from simsearch.cli import app
+from simsearch.errors import BadInputError
+from simsearch.training.labels import load_labelled, split
+from simsearch.training.metrics import retrieval_metrics
+
+SIZE = 64
+BASE = {"backbone": "efficientnet-lite0", "weights": None, "input_size": SIZE}
+
+
+def _object(rng: np.random.Generator) -> list[tuple]:
+    """An 'object': a few coloured shapes at fixed places, drawn the same in every photo of it."""
+    shapes = []
+    for _ in range(4):
+        x, y = rng.integers(0, 40, 2)
+        w, h = rng.integers(8, 24, 2)
+        shapes.append((int(rng.integers(0, 2)), (int(x), int(y), int(x + w), int(y + h)),
+                       tuple(int(c) for c in rng.integers(0, 256, 3))))  # fmt: skip
+    return shapes
+
+
+def _photo(shapes: list[tuple], rng: np.random.Generator) -> Image.Image:
+    """The object at a random place and scale over a random cluttered background."""
+    bg = rng.integers(0, 256, 3)
+    grad = np.linspace(0, 1, 96)[None, :, None] * rng.integers(-80, 80, 3)
+    canvas = np.clip(bg + grad + rng.normal(0, 12, (96, 96, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(canvas)
+    d = ImageDraw.Draw(im)
+    for _ in range(3):  # clutter
+        x, y = rng.integers(0, 90, 2)
+        d.ellipse((int(x), int(y), int(x + 12), int(y + 12)), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    obj = Image.new("RGB", (64, 64), (255, 255, 255))
+    od = ImageDraw.Draw(obj)
+    for kind, box, colour in shapes:
+        (od.rectangle if kind else od.ellipse)(box, fill=colour)
+    s = int(rng.integers(44, 64))
+    obj = obj.resize((s, s))
+    ox, oy = rng.integers(0, 96 - s, 2)
+    im.paste(obj, (int(ox), int(oy)))
+    return im
+
+
+def make_labelled(root: Path, n_labels: int = 12, per_label: int = 8, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for li in range(n_labels):
+        shapes = _object(rng)
+        d = root / f"item{li:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for k in range(per_label):
+            _photo(shapes, rng).save(d / f"{k}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_labelled(tmp_path_factory.mktemp("labelled") / "items", n_labels=24)
+
+
+@pytest.fixture(scope="module")
+def trained(labelled: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A head on the offline ImageNet Lite0 at 96 px: held-out objects are found better after training."""
+    from simsearch import train
+
+    out = tmp_path_factory.mktemp("models") / "head"
+    return train(labelled, out, backbone="efficientnet-lite0", input_size=96, dim=32, epochs=40, seed=1)
+
+
+# ---- labelled sets and splits -----------------------------------------------------------------------------------
+def test_labels_are_first_level_folders_and_nested_folders_are_allowed(tmp_path: Path) -> None:
+    root = make_labelled(tmp_path / "set", n_labels=3, per_label=3)
+    nested = root / "item00" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(nested / "x.png")
+    Image.new("RGB", (32, 32)).save(root / "unlabelled.png")  # directly in the root: no label
+    data = load_labelled(root)
+    assert len(data) == 10 and data.label_names == ["item00", "item01", "item02"]
+    assert data.labels[data.paths.index(str(nested / "x.png"))] == "item00"
+
+
+def test_single_image_labels_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    root = make_labelled(tmp_path / "set", n_labels=3, per_label=3)
+    (root / "lonely").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "lonely" / "only.png")
+    data = load_labelled(root)
+    assert "lonely" not in data.labels and len(data) == 9
+    assert any("fewer than 2 images" in w and "lonely" in w for w in data.warnings)
+
+
+def test_csv_labels(tmp_path: Path) -> None:
+    root = make_labelled(tmp_path / "set", n_labels=2, per_label=3)
+    rows = ["path,label"] + [f"{p.relative_to(tmp_path)},{'a' if i % 2 else 'b'}"
+                             for i, p in enumerate(sorted(root.rglob("*.jpg")))]  # fmt: skip
+    (tmp_path / "labels.csv").write_text("\n".join(rows + ["nowhere.jpg,a"]) + "\n")
+    data = load_labelled(root, tmp_path / "labels.csv")
+    assert len(data) == 6 and sorted(set(data.labels)) == ["a", "b"]
+
+
+def test_label_split_holds_out_whole_labels_and_image_split_every_label(labelled: Path) -> None:
+    data = load_labelled(labelled)
+    sp = split(data, "labels", 0.25, seed=3)
+    tr, va = {data.labels[i] for i in sp.train}, {data.labels[i] for i in sp.val}
+    assert not tr & va and len(va) == 6 and len(tr) == 18
+    assert split(data, "labels", 0.25, seed=3).val.tolist() == sp.val.tolist()  # seeded
+    sp = split(data, "images", 0.25, seed=3)
+    assert {data.labels[i] for i in sp.val} == set(data.labels) == {data.labels[i] for i in sp.train}
+    assert not set(sp.val) & set(sp.train)
+
+
+def test_fewer_than_two_labels_is_an_error(tmp_path: Path) -> None:
+    root = make_labelled(tmp_path / "set", n_labels=1, per_label=4)
+    with pytest.raises(BadInputError, match="at least 2 labels"):
+        load_labelled(root)
+
+
+# ---- metrics against brute force --------------------------------------------------------------------------------
+def _brute(x: np.ndarray, lab: np.ndarray, target: float) -> dict:
+    n = len(x)
+    s = x @ x.T
+    aps, p1, rec = [], [], {1: [], 5: [], 10: []}
+    for q in range(n):
+        others = [j for j in range(n) if j != q]
+        ranked = sorted(others, key=lambda j: -s[q, j])
+        rel = [lab[j] == lab[q] for j in ranked]
+        if not any(rel):
+            continue
+        hits, prec = 0, []
+        for r, ok in enumerate(rel, 1):
+            if ok:
+                hits += 1
+                prec.append(hits / r)
+        aps.append(sum(prec) / sum(rel))
+        p1.append(rel[0])
+        for k in rec:
+            rec[k].append(any(rel[:k]))
+    pairs = [(s[i, j], lab[i] == lab[j]) for i in range(n) for j in range(i + 1, n)]
+    best = (None, 0.0)
+    total = sum(same for _, same in pairs)
+    for t in sorted({sc for sc, _ in pairs}):
+        kept = [same for sc, same in pairs if sc >= t]
+        if sum(kept) / len(kept) >= target:
+            best = (t, sum(kept) / total)
+            break
+    return {"map": np.mean(aps), "p1": np.mean(p1), "rec": {k: np.mean(v) for k, v in rec.items()}, "thr": best}
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 1.0])
+def test_metrics_equal_a_brute_force_computation(target: float) -> None:
+    rng = np.random.default_rng(7)
+    lab = rng.integers(0, 5, 40)
+    centres = rng.normal(size=(5, 8))
+    x = centres[lab] + rng.normal(scale=1.0, size=(40, 8))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    lab[0] = 99  # a label with one image: not a query, only a distractor
+    m = retrieval_metrics(x, lab, target_precision=target, block=7)
+    b = _brute(x, lab, target)
+    assert m.queries == 39
+    assert m.map == pytest.approx(b["map"], abs=1e-9) and m.p_at_1 == pytest.approx(b["p1"])
+    for k in (1, 5, 10):
+        assert m.recall_at[k] == pytest.approx(b["rec"][k])
+    if b["thr"][0] is None:
+        assert m.threshold["value"] is None
+    else:
+        assert m.threshold["value"] == pytest.approx(b["thr"][0], abs=1e-6)
+        assert m.threshold["recall"] == pytest.approx(b["thr"][1], abs=1e-6)
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+def test_training_improves_held_out_map_over_the_untrained_projection(trained) -> None:
+    m = trained.manifest["metrics"]
+    first = trained.history[0]
+    assert trained.history and not trained.interrupted
+    # held-out labels: objects never trained on are retrieved better than by the untrained head and the raw features
+    assert m["val_map"] > m["val_map_untrained_head"] + 0.03, m
+    assert m["val_map"] > m["val_map_before"] + 0.02, m
+    assert m["val_map"] >= max(h["val_map"] for h in trained.history) - 1e-6  # the best epoch is what was kept
+    assert first["epoch"] == 1 and {"loss", "train_map", "val_map", "val_p_at_1"} <= set(first)
+
+
+def test_model_dir_is_self_describing(trained) -> None:
+    d = Path(trained.model_dir)
+    assert {p.name for p in d.iterdir()} >= {"model.keras", "simsearch-model.json", "history.json", "training.png",
+                                             "split.json"}  # fmt: skip
+    man = json.loads((d / "simsearch-model.json").read_text())
+    assert man["base"]["backbone"] == "efficientnet-lite0" and man["base"]["weights"] == "imagenet"
+    assert len(man["base"]["weights_digest"]) == 64
+    assert man["input_size"] == 96 and man["dim"] == 32 and man["preprocess"] == "lite"
+    assert man["training"]["split"]["kind"] == "labels" and len(man["training"]["files_digest"]) == 64
+    assert json.loads((d / "history.json").read_text()) == trained.history
+    assert Image.open(d / "training.png").size[0] > 200
+
+
+def test_saved_model_embeds_identically_on_keras_and_tflite(trained, labelled: Path) -> None:
+    from simsearch import Embedder, embed
+
+    paths = sorted(str(p) for p in labelled.rglob("*.jpg"))[:10]
+    lite = Embedder(trained.model_dir).embed(paths).vectors
+    keras_v = Embedder(trained.model_dir, engine="keras").embed(paths).vectors
+    assert lite.shape == (10, 32)
+    assert np.min(np.sum(lite * keras_v, axis=1)) > 0.999
+    again = embed(paths, backbone=trained.model_dir).vectors
+    assert np.allclose(again, lite, atol=1e-6)
+
+
+def test_eval_of_the_held_out_files_matches_what_training_reported(trained, labelled: Path) -> None:
+    from simsearch import evaluate
+
+    res = evaluate(labelled, [trained.model_dir], heldout=trained.model_dir)[0]
+    split_info = trained.manifest["training"]["split"]
+    assert res["images"] == split_info["val_images"] and res["labels"] == split_info["val_labels"]
+    assert res["map"] == pytest.approx(trained.manifest["metrics"]["val_map"], abs=0.01)
+
+
+def test_index_and_query_with_a_trained_model(trained, labelled: Path, tmp_path: Path) -> None:
+    from simsearch import SimIndex
+
+    idx = SimIndex.create(tmp_path / "idx", backbone=trained.model_dir)
+    idx.add_folder(labelled)
+    assert idx.store.signature["backbone"] == trained.model_dir and idx.store.dim == 32
+    q = sorted(labelled.rglob("*.jpg"))[3]
+    assert idx.search(str(q), k=1)[0].path == str(q)
+    idx.close()
+    reopened = SimIndex.open(tmp_path / "idx")
+    assert reopened.embedder.dim == 32  # rebuilt from the manifest's MODEL_DIR
+    reopened.close()
+
+
+def test_cli_train_eval_index_and_mixing_is_refused(trained, labelled: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["eval", str(labelled), "--backbone", trained.model_dir, "--weights", "none",
+                                 "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)["results"][0]
+    assert set(out) >= {"backbone", "images", "labels", "map", "p_at_1", "recall_at", "threshold"}
+    assert set(out["recall_at"]) == {"1", "5", "10"} and set(out["threshold"]) == {"target_precision", "value",
+                                                                                      "recall"}  # fmt: skip
+    idx = tmp_path / "idx"
+    r = CliRunner().invoke(app, ["index", str(labelled), "--index", str(idx), "--input-size", "96"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["index", str(labelled), "--index", str(idx), "--backbone", trained.model_dir])
+    assert r.exit_code == 2 and "rebuild" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_existing_out_is_refused_without_overwrite(trained, labelled: Path) -> None:
+    r = CliRunner().invoke(app, ["train", str(labelled), "--out", trained.model_dir, "--weights", "none"])
+    assert r.exit_code == 1 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_files_are_skipped_and_counted(labelled: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from simsearch import train
+
+    root = tmp_path / "set"
+    shutil.copytree(labelled, root)
+    (root / "item00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    res = train(root, tmp_path / "m", **BASE, dim=16, epochs=2)
+    assert [Path(s["path"]).name for s in res.skipped] == ["broken.jpg"]
+    assert any("unreadable" in w for w in res.warnings)
+
+
+def test_damaged_or_foreign_model_dirs_give_one_line(trained, tmp_path: Path, labelled: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained.model_dir, bad)
+    with open(bad / "model.keras", "r+b") as f:
+        f.seek(100)
+        f.write(b"garbage")
+    r = CliRunner().invoke(app, ["index", str(labelled), "--index", str(tmp_path / "i"), "--backbone", str(bad)])
+    assert r.exit_code == 1 and "damaged" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    man = json.loads((bad / "simsearch-model.json").read_text())
+    man["version"] = 99
+    (bad / "simsearch-model.json").write_text(json.dumps(man))
+    r = CliRunner().invoke(app, ["eval", str(labelled), "--backbone", str(bad)])
+    assert r.exit_code == 1 and "version 99" in r.stderr
+    r = CliRunner().invoke(app, ["eval", str(labelled), "--backbone", str(tmp_path)])
+    assert r.exit_code == 1 and "not a simsearch model directory" in r.stderr
+
+
+def test_cli_one_label_is_an_error(tmp_path: Path) -> None:
+    root = make_labelled(tmp_path / "set", n_labels=1, per_label=4)
+    r = CliRunner().invoke(app, ["train", str(root), "--out", str(tmp_path / "m"), "--weights", "none"])
+    assert r.exit_code == 1 and "at least 2 labels" in r.stderr and "Traceback" not in r.output
+
+
+def test_finetune_trains_the_last_block_and_keeps_the_best(labelled: Path, tmp_path: Path) -> None:
+    from simsearch import train
+    from simsearch.models.backbones import load_backbone
+    from simsearch.training.finetune import split_backbone
+
+    bb = load_backbone("efficientnet-lite0", weights=None, input_size=SIZE)
+    lower, upper, cut = split_backbone(bb.model)
+    assert cut == "block14_add"  # the last block and the head conv are trained
+    x = bb.preprocess(np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8))
+    assert np.allclose(np.asarray(upper(lower(x))), np.asarray(bb.model(x)), atol=1e-5)
+    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=2, views=2, seed=1)
+    t = res.manifest["training"]
+    assert t["mode"] == "finetune" and t["cut"] == "block14_add"
+    assert [h["phase"] for h in res.history][-1] == "finetune"
+    best = max(h["val_map"] for h in res.history)
+    assert res.manifest["metrics"]["val_map"] == pytest.approx(best, abs=0.02)
+
+
+def test_ctrl_c_keeps_the_best_model(labelled: Path, tmp_path: Path) -> None:
+    """A real SIGINT in the middle of training: the best epoch so far is saved, exit code 130."""
+    code = f"""
+import os, signal, sys
+from simsearch.training import trainer
+calls = 0
+orig = trainer._Loop._check_overfit
+def interrupt_at_third(self):
+    orig(self)
+    if len(self.history) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+trainer._Loop._check_overfit = interrupt_at_third
+from simsearch.cli import main
+sys.argv = ["simsearch", "train", {str(labelled)!r}, "--out", {str(tmp_path / "m")!r}, "--weights", "none",
+            "--input-size", "{SIZE}", "--epochs", "50", "--dim", "16"]
+main()
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 130, p.stderr
+    assert "best model so far is saved" in p.stderr
+    man = json.loads((tmp_path / "m" / "simsearch-model.json").read_text())
+    assert man["training"]["interrupted"] is True and man["training"]["epochs_run"] == 3
