@@ -47,13 +47,14 @@ class TrainResult:
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"model_dir": self.model_dir, "mode": self.manifest["training"]["mode"],
                 "metrics": self.manifest["metrics"], "split": self.manifest["training"]["split"],
                 "epochs": len(self.history), "best_epoch": self.manifest["training"]["best_epoch"],
                 "seconds": round(self.seconds, 2), "interrupted": self.interrupted, "warnings": self.warnings,
-                "skipped": self.skipped, "history": self.history}  # fmt: skip
+                "skipped": self.skipped, "timings": self.timings, "history": self.history}  # fmt: skip
 
 
 class _Stop(Exception):
@@ -118,9 +119,18 @@ def train(
     from ..models.embedder import Embedder
     from .features import extract_features
 
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(timings.get(name, 0.0) + now - clock[0], 2)
+        clock[0] = now
+
     emb = Embedder(spec, fit=fit, seed=seed)
     note = progress or (lambda *a: None)
     feats, ok, errors = extract_features(emb, data.paths, lambda ph, d, t: note(ph, d, t, {}))
+    lap("features")
     skipped = [{"path": p, "error": e} for p, e in errors]
     if skipped:
         warnings.append(f"skipped {len(skipped)} unreadable file(s)")
@@ -174,11 +184,13 @@ def train(
         lambda s: [v.assign(x) for v, x in zip(head_vars, s, strict=True)],
     )  # fmt: skip
 
+    lap("head")
     bb = spec.build()
     cut, ft_metrics = None, None
     if mode == "finetune" and not state.interrupted:
         cut, ft_metrics = _finetune(bb, spec, data, tr, va, y_tr_dense, y_va, head, loss_fn, head_vars, cfg, views,
                                     fit, seed, loss, weight_decay, rng, state, note)  # fmt: skip
+        lap("finetune")
 
     # ---- export --------------------------------------------------------------------------------------------------
     inp = k.Input((spec.input_size, spec.input_size, 3), name="image")
@@ -215,7 +227,9 @@ def train(
             f"{before.map:.4f}): index with {spec.name} itself, or train on more labels"
         )
     written = _write(out, model, manifest, history, data, sp, va, overwrite)
-    return TrainResult(str(out), written, history, time.perf_counter() - t0, state.interrupted, warnings, skipped)
+    lap("export")
+    return TrainResult(str(out), written, history, time.perf_counter() - t0, state.interrupted, warnings, skipped,
+                       timings)  # fmt: skip
 
 
 def _readable(sp: Split, ok: np.ndarray, data: LabelledSet) -> tuple[np.ndarray, np.ndarray]:
