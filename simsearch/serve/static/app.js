@@ -178,6 +178,7 @@ function groupView(g, rep) {
         el("div", { class: "name", text: baseName(m.path) }),
         el("div", { text: `${dims(m.width, m.height)} · ${kb(m.size)}` }),
         el("div", { class: "score", text: `score ${m.score.toFixed(4)}` }),
+        m.keep ? el("div", { class: "muted", text: "kept by the keep rules" }) : null,
       ]),
       el("label", {}, [cb, document.createTextNode(" trash")]),
     ]);
