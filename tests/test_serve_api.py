@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -163,8 +164,18 @@ def test_upload_limits(lib: tuple[Path, Path]) -> None:
     buf = io.BytesIO()
     noisy.save(buf, "JPEG", quality=95)
     assert 5000 < len(buf.getvalue()) < 60_000
-    assert_error(c.post("/api/search", files={"image": ("big.jpg", buf.getvalue())}), 413, "limit")
-    assert_error(c.post("/api/search", files={"image": ("huge.jpg", b"\xff" * 200_000)}), 413, "limit")
+    assert_error(c.post("/api/search", files={"image": ("big.jpg", buf.getvalue())}), 413, "upload over the limit")
+    assert_error(c.post("/api/search", files={"image": ("huge.jpg", b"\xff" * 200_000)}), 413, "body over the limit")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted while it streams
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
+        for _ in range(100):
+            yield b"\xff" * 10_000
+        yield b"\r\n--b--\r\n"
+
+    r = c.post("/api/search", content=chunked(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert "content-length" not in r.request.headers
+    assert_error(r, 413, "body over the limit")
     assert c.get("/api/info").status_code == 200
 
 
@@ -479,7 +490,9 @@ def test_docs_and_openapi(client: TestClient) -> None:
 
 
 def test_page_and_assets_are_packaged(client: TestClient) -> None:
-    page = client.get("/").text
+    r = client.get("/")
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    page = r.text
     assert '<script src="/static/app.js">' in page and "/static/app.css" in page
     assert "http://" not in page and "https://" not in page  # nothing from a CDN
     for asset in ("app.js", "app.css"):

@@ -39,6 +39,8 @@ from .state import (
 log = logging.getLogger("simsearch.serve")
 STATIC = Path(str(files("simsearch.serve") / "static"))
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+# The page loads nothing but its own files; thumbnails arrive as blob: URLs.
+CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 _STATUS: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404),
     (ConflictError, 409),
@@ -120,7 +122,8 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        headers = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP}
+        return FileResponse(STATIC / "index.html", headers=headers)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -251,12 +254,28 @@ class Guard:
         if refusal is not None:
             return await refusal(scope, receive, send)
 
+        received = 0
+        refused = False  # a body over the limit without Content-Length (chunked): answered 413 while it streams
+
+        async def counting_receive() -> dict:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.body_limit and not refused:
+                    refused = True
+                    await _error(413, f"request body over the limit of {self.max_upload} bytes")(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
         async def send_with_headers(message: dict) -> None:
+            if refused:
+                return  # the app's answer to the cut-off body: the 413 was already sent
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *_SECURITY_HEADERS]
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        await self.app(scope, counting_receive, send_with_headers)
 
     def _refusal(self, scope: dict) -> JSONResponse | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
