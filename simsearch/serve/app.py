@@ -20,12 +20,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..dedup.finder import DEFAULT_THRESHOLD
 from ..errors import BadInputError, IndexLockedError, IndexStoreError, SimsearchError
 from ..images import ImageLoadError
+from .schemas import DuplicatesOut, ErrorOut, ResolveIn, ResolveOut, SearchOut, UndoIn, UndoListOut, UndoOut
 from .state import (
     THUMB_SIZES,
     ConflictError,
@@ -68,21 +68,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class ResolveRequest(BaseModel):
-    """Remove some files of one duplicate group; `ids` is the whole group as listed, to detect a changed group."""
-
-    ids: list[int] = Field(min_length=2, max_length=10_000)
-    remove: list[int] = Field(min_length=1, max_length=10_000)
-    action: Literal["delete", "move"] = "delete"
-    threshold: float = Field(DEFAULT_THRESHOLD, ge=-1.0, le=1.0)
-    group: Literal["connected", "star"] = "connected"
-    keep: str | None = None
-
-
-class UndoRequest(BaseModel):
-    undo: str = Field(min_length=1, max_length=200, description="File name of an undo manifest (from resolve).")
-
-
 def create_app(
     index_path: str | Path,
     read_only: bool = False,
@@ -116,7 +101,8 @@ def create_app(
         if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
             raise _Unauthorised()
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(authorise)])
+    errors = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 500)}
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorise)], responses=errors)
     _add_routes(api, state)
     app.include_router(api)
 
@@ -149,22 +135,22 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
                           "generation": state.generation}  # fmt: skip
         return data
 
-    @api.get("/search")
+    @api.get("/search", response_model=SearchOut)
     def search_by_id(
         id: Annotated[int, Query(ge=0, description="Id of an indexed image (more like this).")],
         k: K = 10,
         min_score: MinScore = None,
     ) -> dict[str, Any]:
-        """The indexed images most like an indexed one: `{"query", "query_id", "matches": [...]}`."""
+        """The indexed images most like an indexed one (more like this), best first."""
         return state.search_id(id, k, min_score)
 
-    @api.post("/search")
+    @api.post("/search", response_model=SearchOut)
     async def search_upload(
         image: Annotated[UploadFile, File(description="The query image (any format simsearch reads).")],
         k: K = 10,
         min_score: MinScore = None,
     ) -> dict[str, Any]:
-        """The indexed images most like an uploaded one."""
+        """The indexed images most like an uploaded one, best first."""
         data = await image.read(state.config.max_upload_bytes + 1)
         return await run_in_threadpool(state.search_upload, data, image.filename, k, min_score)
 
@@ -180,7 +166,7 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
         return Response(state.thumbnail(image_id, size), media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=60"})  # fmt: skip
 
-    @api.get("/duplicates")
+    @api.get("/duplicates", response_model=DuplicatesOut)
     def duplicates(
         threshold: Annotated[float, Query(ge=-1.0, le=1.0)] = DEFAULT_THRESHOLD,
         group: Literal["connected", "star"] = "connected",
@@ -191,18 +177,18 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
         """The dedup report (as `simsearch dedup --json`), one page of groups, each with its members' details."""
         return state.duplicates(threshold, group, keep, offset, limit)
 
-    @api.post("/duplicates/resolve")
-    def resolve(body: ResolveRequest) -> dict[str, Any]:
+    @api.post("/duplicates/resolve", response_model=ResolveOut)
+    def resolve(body: ResolveIn) -> dict[str, Any]:
         """Move or trash the chosen files of one group, as `dedup --action`; answers the undo manifest's name."""
         return state.resolve(body.ids, body.remove, body.action, body.threshold, body.group, body.keep)
 
-    @api.get("/undo")
+    @api.get("/undo", response_model=UndoListOut)
     def undo_list() -> dict[str, Any]:
         """The undo manifests of this index, newest first."""
         return {"manifests": state.undo_list()}
 
-    @api.post("/undo")
-    def undo(body: UndoRequest) -> dict[str, Any]:
+    @api.post("/undo", response_model=UndoOut)
+    def undo(body: UndoIn) -> dict[str, Any]:
         """Put back the files of one resolve (or CLI dedup action) and their index rows."""
         return state.undo(body.undo)
 
