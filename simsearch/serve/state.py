@@ -227,6 +227,7 @@ class ServeState:
     ) -> dict[str, Any]:
         """Move or trash the chosen files of one group, holding the writer lock; returns the undo manifest's name."""
         self._check_writable()
+        remove = list(dict.fromkeys(remove))
         if action == "move" and self.config.move_to is None:
             raise ForbiddenError("move needs a destination: start the server with --move-to DIR")
         if not remove:
