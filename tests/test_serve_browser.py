@@ -146,3 +146,27 @@ def test_duplicate_group_resolved_and_undone(page, site) -> None:  # noqa: ANN00
     assert loser.is_file() and not list((index / "trash").rglob("coffee-small.jpg"))
     page.click("#dups-load")
     page.wait_for_function("() => document.querySelectorAll('.group').length === 2")
+
+
+def test_page_with_token_on_a_read_only_server(browser, photos: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    folder = build_library(photos, tmp_path / "lib")
+    index = build_index(folder, tmp_path / "idx")
+    with live_server(create_app(index, token="page-token", read_only=True)) as base:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.goto(base + "/")  # no token: the page loads, the API refuses
+        pg.wait_for_selector("#status.error")
+        assert "token" in pg.inner_text("#status")
+        pg.goto(base + "/#token=page-token")
+        pg.wait_for_selector("body[data-ready='1']")
+        assert "token" not in pg.url  # taken out of the address bar
+        assert "read-only" in pg.inner_text("#info")
+        pg.set_input_files("#file", str(folder / "coffee.jpg"))
+        pg.wait_for_function(ALL_LOADED, arg=".result img", timeout=20_000)  # thumbnails fetched with the header
+        assert result_names(pg)[:2] == ["coffee.jpg", "coffee-small.jpg"]
+        pg.click("#tab-dups")
+        pg.wait_for_selector(".group")
+        assert pg.locator(".apply").count() == 2
+        assert all(pg.locator(".apply").nth(i).is_disabled() for i in range(2))
+        assert all(f.is_file() for f in folder.rglob("*.jpg"))
+        ctx.close()

@@ -6,13 +6,15 @@ const PAGE = 20;
 const state = { info: null, dupOffset: 0, objectUrls: [] };
 
 // A token can be handed over as #token=...; it is kept for this tab only and sent as a Bearer header.
-(function takeToken() {
+function takeToken() {
   const m = location.hash.match(/token=([^&]+)/);
-  if (m) {
-    sessionStorage.setItem("simsearch-token", decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname);
-  }
-})();
+  if (!m) return false;
+  sessionStorage.setItem("simsearch-token", decodeURIComponent(m[1]));
+  history.replaceState(null, "", location.pathname);
+  return true;
+}
+takeToken();
+window.addEventListener("hashchange", () => { if (takeToken()) location.reload(); });
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
