@@ -199,18 +199,25 @@ class ServeState:
 
     # ---- duplicates --------------------------------------------------------------------------------------------
     def report(self, threshold: float, group: str, keep: str | None) -> DedupReport:
-        """The dedup report of the committed state, computed once per generation and parameters."""
+        """The dedup report of the committed state, computed once per generation and parameters.
+
+        It is computed on a connection of its own, without the lock, so searches go on meanwhile.
+        """
+        params = (round(threshold, 6), group, keep)
         with self.lock:
-            idx = self.index()
-            key = (self._generation, round(threshold, 6), group, keep)
-            rep = self._dedup.get(key)
-            if rep is None:
-                _faiss_threads(os.cpu_count() or 1)
-                rep = find_duplicates(idx.store, threshold, group=group, keep=keep)
-                if len(self._dedup) > 16:
-                    self._dedup.clear()
-                self._dedup[key] = rep
+            self.index()
+            rep = self._dedup.get((self._generation, *params))
+        if rep is not None:
             return rep
+        _faiss_threads(os.cpu_count() or 1)
+        with IndexStore.open(self.path) as store:
+            generation = store.generation
+            rep = find_duplicates(store, threshold, group=group, keep=keep)
+        with self.lock:
+            if len(self._dedup) > 16:
+                self._dedup.clear()
+            self._dedup[(generation, *params)] = rep
+        return rep
 
     def duplicates(self, threshold: float, group: str, keep: str | None, offset: int, limit: int) -> dict[str, Any]:
         rep = self.report(threshold, group, keep)
