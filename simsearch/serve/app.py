@@ -10,6 +10,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,7 +91,13 @@ def create_app(
     if warm_up:
         state.warm_up()
 
-    app = FastAPI(title="simsearch", summary="Image similarity search and duplicate review", version="1")
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.close()
+
+    app = FastAPI(title="simsearch", summary="Image similarity search and duplicate review", version="1",
+                  lifespan=lifespan)  # fmt: skip
     app.state.simsearch = state
     _install_errors(app)
     app.add_middleware(Guard, token=token, max_upload=cfg.max_upload_bytes)
@@ -201,7 +209,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ImageLoadError)
     async def image_error(request: Request, exc: ImageLoadError) -> JSONResponse:
-        return _error(400, f"not a readable image: {exc}")
+        return _error(400, str(exc))
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(request: Request, exc: _Unauthorised) -> JSONResponse:
