@@ -436,9 +436,7 @@ def serve_cmd(
 
     if not is_loopback(host) and not token:
         raise BadInputError(f"--host {host} is reachable from other machines: pass --token TOKEN too")
-    path = _resolve_index(index)
-    typer.echo(f"serving {path} on http://{host}:{port}/ (API docs at /docs)", err=True)
-    run(path, host=host, port=port, read_only=read_only, token=token, move_to=move_to)
+    run(_resolve_index(index), host=host, port=port, read_only=read_only, token=token, move_to=move_to)
 
 
 def main() -> None:

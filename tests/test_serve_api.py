@@ -461,6 +461,12 @@ def test_cli_refuses_a_public_host_without_token(lib: tuple[Path, Path]) -> None
     )
 
 
+def test_cli_serve_on_a_missing_index_is_a_one_line_error(tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path / "nope")])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"simsearch: error: no index at {tmp_path / 'nope'}"
+
+
 # ---- robustness ----------------------------------------------------------------------------------------------
 def test_unknown_routes_and_methods_are_json(client: TestClient) -> None:
     assert_error(client.get("/api/nope"), 404)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -313,4 +314,6 @@ def run(
     if not is_loopback(host) and not token:
         raise BadInputError(f"--host {host} is reachable from other machines: pass --token TOKEN too")
     app = create_app(index_path, read_only=read_only, token=token, move_to=move_to)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"simsearch: serving {app.state.simsearch.path} at http://{shown}:{port}/ (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
