@@ -488,6 +488,30 @@ def demo_cmd(
     dedup_cmd(index=ipath)
 
 
+@app.command("serve")
+def serve_cmd(
+    index: IndexPath = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs --token.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Refuse every request that changes files.")] = False,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="SIMSEARCH_TOKEN", help="Require Authorization: Bearer TOKEN on /api."),
+    ] = None,
+    move_to: Annotated[
+        Path | None, typer.Option("--move-to", help="Folder that resolve with action move moves files to.")
+    ] = None,
+) -> None:
+    """Serve an HTTP API (docs at /docs) and a web page to search the index and review duplicates."""
+    from .serve.app import is_loopback, run
+
+    if not is_loopback(host) and not token:
+        raise BadInputError(f"--host {host} is reachable from other machines: pass --token TOKEN too")
+    run(_resolve_index(index), host=host, port=port, read_only=read_only, token=token, move_to=move_to)
+
+
 def main() -> None:
     app()
 

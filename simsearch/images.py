@@ -563,13 +563,16 @@ def load_image(source: ImageSource, size: int, fit: str = "resize") -> np.ndarra
     return _pixels(fit_image(open_image(source, target=size), size, fit))
 
 
-def load_encoded(data: bytes, size: int, fit: str = "resize") -> tuple[np.ndarray, tuple[int, int]]:
+def load_encoded(
+    data: bytes, size: int, fit: str = "resize", *, max_pixels: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image` of a file's bytes, plus the (width, height) stored in the file, parsing it only once.
 
     The array is read-only (it wraps Pillow's pixel bytes without another copy): the indexing pipeline only reads it.
+    `max_pixels` lowers the decompression-bomb limit (the server's uploads).
     """
     _check_size(size, fit)
-    im, stored = _open_bytes(data, size, MAX_PIXELS)
+    im, stored = _open_bytes(data, size, MAX_PIXELS if max_pixels is None else max_pixels)
     return _pixels(fit_image(im, size, fit), writeable=False), stored
 
 

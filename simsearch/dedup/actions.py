@@ -61,21 +61,31 @@ def plan_action(
     """Which files go where. Moves keep the layout relative to the common folder of all indexed files."""
     if action not in ACTIONS:
         raise BadInputError(f"unknown action {action!r}; choose one of {', '.join(ACTIONS)}")
-    plan = Plan(action)
     if action == "report":
-        return plan
-    if action == "move" and to is None:
-        raise BadInputError("--action move needs --to DIR")
+        return Plan(action)
     prefer = [os.path.abspath(os.path.expanduser(p)) for p in prefer]
     losers = [f for g in report.groups for f in g.files[1:] if not is_preferred(f, prefer)]
+    plan = plan_files(losers, action, to, store, permanent)
     plan.kept = sum(len(g.files) for g in report.groups) - len(losers)
+    return plan
+
+
+def plan_files(
+    files: list[str], action: str, to: str | Path | None, store: IndexStore, permanent: bool = False
+) -> Plan:
+    """The plan for moving or trashing exactly `files` (the caller chose them), with `plan_action`'s destinations."""
+    if action not in ("move", "delete"):
+        raise BadInputError(f"unknown action {action!r}; choose move or delete")
+    if action == "move" and to is None:
+        raise BadInputError("--action move needs --to DIR")
+    plan = Plan(action)
     root = common_root([r.path for r in store.all_rows()])
     if action == "move":
         base = Path(to).expanduser().absolute()
     else:
         base = store.path / "trash" / datetime.now().strftime("%Y%m%d-%H%M%S")
     taken: set[str] = set()
-    for f in losers:
+    for f in files:
         if action == "delete" and permanent:
             plan.moves.append((f, None))
             continue
@@ -145,13 +155,16 @@ def apply_plan(plan: Plan, store: IndexStore) -> Path | None:
             _write(manifest, doc)
             last = time.monotonic()
     _write(manifest, doc)
-    store.acquire_lock()
+    held = store.holds_lock  # a caller that took the lock before the moves keeps it
+    if not held:
+        store.acquire_lock()
     try:
         with store.transaction() as txn:
             txn.delete_paths(done_paths)
         store.save()
     finally:
-        store.release_lock()
+        if not held:
+            store.release_lock()
     return manifest
 
 

@@ -238,6 +238,11 @@ class IndexStore:
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
         self._lock_fd = fd
 
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this store holds the writer lock."""
+        return self._lock_fd is not None
+
     def release_lock(self) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

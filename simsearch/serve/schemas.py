@@ -1,0 +1,100 @@
+"""Request and response bodies of the HTTP API, so /docs shows the JSON shapes and requests are validated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ..dedup.finder import DEFAULT_THRESHOLD
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="One line saying what went wrong.")
+
+
+class MatchOut(BaseModel):
+    id: int
+    path: str
+    score: float = Field(description="Cosine similarity to the query, 1.0 = identical.")
+    width: int | None
+    height: int | None
+
+
+class SearchOut(BaseModel):
+    query: str = Field(description="The indexed file's path, or the uploaded file's name.")
+    query_id: int | None = Field(description="Index id of the query (null for an upload).")
+    width: int | None
+    height: int | None
+    matches: list[MatchOut]
+
+
+class MemberOut(BaseModel):
+    id: int
+    path: str
+    score: float = Field(description="Similarity to the kept file.")
+    keep: bool = Field(description="Whether the keep rules keep this file.")
+    size: int | None = Field(description="File size in bytes.")
+    width: int | None
+    height: int | None
+
+
+class GroupOut(BaseModel):
+    kind: Literal["exact", "near"]
+    files: list[str] = Field(description="Paths, the kept file first (as `simsearch dedup --json`).")
+    min_score: float
+    keep: str
+    scores: list[float]
+    ids: list[int]
+    members: list[MemberOut]
+
+
+class DuplicatesOut(BaseModel):
+    threshold: float
+    groups: list[GroupOut] = Field(description="This page of the groups.")
+    duplicates: int = Field(description="Files that could go, over all groups.")
+    group: Literal["connected", "star"]
+    keep: list[str]
+    total_groups: int
+    offset: int
+    limit: int
+    generation: int
+
+
+class ResolveIn(BaseModel):
+    """Remove some files of one duplicate group; `ids` is the whole group as listed, to detect a changed group."""
+
+    ids: list[int] = Field(min_length=2, max_length=10_000, description="Every member of the group, as listed.")
+    remove: list[int] = Field(min_length=1, max_length=10_000, description="The members to move or trash.")
+    action: Literal["delete", "move"] = Field("delete", description="delete: into the index's trash (undoable).")
+    threshold: float = Field(DEFAULT_THRESHOLD, ge=-1.0, le=1.0)
+    group: Literal["connected", "star"] = "connected"
+    keep: str | None = None
+
+
+class MovedOut(BaseModel):
+    id: int
+    from_: str = Field(alias="from")
+    to: str | None
+
+
+class ResolveOut(BaseModel):
+    action: Literal["delete", "move"]
+    moved: list[MovedOut]
+    undo: str | None = Field(description="Name of the undo manifest, for POST /api/undo.")
+
+
+class UndoIn(BaseModel):
+    undo: str = Field(min_length=1, max_length=200, description="File name of an undo manifest (from resolve).")
+
+
+class UndoOut(BaseModel):
+    undo: str
+    restored: int
+    missing: list[str]
+    permanently_deleted: int
+    reindexed: int
+
+
+class UndoListOut(BaseModel):
+    manifests: list[UndoIn]
