@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--modes", default="head,finetune", help="comma-separated: head, finetune")
     ap.add_argument("--limit", type=int, help="stratified sample of this many images (seeded)")
     ap.add_argument("--backbone", default="efficientnet-lite0")
-    ap.add_argument("--loss", default="proxy")
+    ap.add_argument("--loss", default="ms")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", default="", help="extra options for simsearch train, e.g. '--dim 128'")

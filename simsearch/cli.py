@@ -378,9 +378,7 @@ def train_cmd(
         str, typer.Option("--split", help="labels (hold out whole labels: new items) or images (of every label).")
     ] = "labels",
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV of path,label instead of subfolders.")] = None,
-    loss: Annotated[str, typer.Option("--loss", help="proxy (normalised softmax) or ms (multi-similarity).")] = (
-        "proxy"
-    ),
+    loss: Annotated[str, typer.Option("--loss", help="ms (multi-similarity) or proxy (normalised softmax).")] = "ms",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, initialisation and augmentation.")] = 0,
     input_size: Annotated[int | None, typer.Option("--input-size", min=32, help="Model input size.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,

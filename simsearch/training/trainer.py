@@ -73,7 +73,7 @@ def train(
     split_by: str = "labels",
     seed: int = 0,
     labels: str | Path | None = None,
-    loss: str = "proxy",
+    loss: str = "ms",
     overwrite: bool = False,
     batch_size: int | None = None,
     lr: float | None = None,
