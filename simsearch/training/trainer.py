@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -293,7 +292,6 @@ class _Loop:
                 f"validation mAP fell for 2 epochs while training mAP rose (overfitting at epoch {h[-1]['epoch']}); "
                 "the best validation epoch is kept"
             )
-            print(f"simsearch: warning: {self.warnings[-1]}", file=sys.stderr)
 
 
 def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndarray, y_tr: np.ndarray,
