@@ -217,3 +217,62 @@ print(idx.search_vectors(q, k=3)[0][0].path)
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "/nowhere/000042.jpg"
+
+
+WRITER = """
+import sys, numpy as np
+from simsearch.api import SimIndex
+from simsearch.index.store import IndexStore
+from tests.test_ann import SIG, clustered
+path, kind = sys.argv[1], sys.argv[2]
+idx = SimIndex.open(path) if IndexStore.exists(path) else SimIndex(IndexStore.create(path, SIG, index_type=kind))
+vecs = clustered(4000)
+have = idx.store.count()
+for a in range(have - have % 250, 4000, 250):
+    idx.add_vectors([f"/k/{i}" for i in range(a, a + 250)], vecs[a : a + 250])
+    print(a + 250, flush=True)
+"""
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_kill_9_while_adding_then_resume_with_every_type(tmp_path: Path, index_type: str, monkeypatch) -> None:
+    """SIGKILL in the middle of commits: what is committed is intact and searchable; rerunning completes it."""
+    import signal
+    import subprocess
+    import time
+
+    path = tmp_path / "idx"
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    args = [sys.executable, "-c", WRITER, str(path), index_type]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    while True:
+        line = p.stdout.readline()
+        if not line or int(line) >= 2500:
+            break
+    time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    vecs = clustered(4000)
+    store = IndexStore.open(path)
+    n = store.count()
+    assert 2500 <= n <= 4000 and n % 250 == 0  # whole commits only
+    rows = store.all_rows()
+    ids = np.array([r.id for r in rows])
+    got = store.vectors(ids)
+    assert np.allclose(got, vecs[[int(r.path.rsplit("/", 1)[1]) for r in rows]], atol=1e-6)
+    scores, found = store.search(got[-5:], 1)
+    assert found[:, 0].tolist() == ids[-5:].tolist()  # rows committed after the last save are found too
+    store.close()
+    with pytest.raises(Exception, match="being written"):
+        holder = IndexStore.open(path)
+        holder.acquire_lock()
+        IndexStore.open(path).acquire_lock()
+    holder.release_lock()
+    subprocess.run(args, check=True, capture_output=True, env=env, cwd=root)
+    idx = SimIndex.open(path)
+    assert idx.store.count() == 4000
+    expected = {"flat": "flat", "ivf": "ivf", "hnsw": "hnsw", "ivfpq": "ivfpq"}[index_type]
+    assert idx.store.manifest["search"]["kind"] == expected
+    top = idx.search_vectors(vecs[[0, 1999, 3999]], k=1)
+    assert [g[0].path for g in top] == ["/k/0", "/k/1999", "/k/3999"]

@@ -142,7 +142,9 @@ def min_vectors(plan: IndexPlan) -> int:
     if plan.kind == "ivfpq":
         return max(4 * plan.nlist, 2048)  # 256 centroids per PQ sub-quantiser need a few thousand points
     if plan.kind == "hnsw":
-        return 16
+        return 2
+    if plan.kind == "factory":
+        return max(2 * plan.nlist, 2)  # the user chose it: built as soon as it can be trained at all
     return max(4 * plan.nlist, 16)
 
 
