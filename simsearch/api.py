@@ -266,19 +266,25 @@ class SimIndex:
         import hashlib
 
         paths = [str(p) for p in paths]
-        vecs = _checked_vectors(vectors, self.store.dim, "vectors")
-        if len(paths) != len(vecs):
-            raise BadInputError(f"{len(paths)} paths for {len(vecs)} vectors")
+        arr = np.asarray(vectors)  # may be a memory map: checked and normalised chunk by chunk, never copied whole
+        if arr.ndim != 2 or arr.shape[1] != self.store.dim:
+            raise BadInputError(f"vectors have shape {tuple(arr.shape)}; this index takes (n, {self.store.dim})")
+        if len(paths) != len(arr):
+            raise BadInputError(f"{len(paths)} paths for {len(arr)} vectors")
         if len(set(paths)) != len(paths):
             raise BadInputError("the same path is given twice")
         if any(not p for p in paths):
             raise BadInputError("empty path")
+        step = 50_000
+        for a in range(0, len(arr), step):  # everything is checked before anything is written
+            _checked_vectors(arr[a : a + step], self.store.dim, "vectors")
         self.store.acquire_lock()
         added = replaced = 0
         try:
-            for a in range(0, len(paths), 50_000):
+            for a in range(0, len(paths), step):
+                chunk = _checked_vectors(arr[a : a + step], self.store.dim, "vectors")
                 with self.store.transaction() as txn:
-                    for p, v in zip(paths[a : a + 50_000], vecs[a : a + 50_000], strict=True):
+                    for p, v in zip(paths[a : a + step], chunk, strict=True):
                         row = self.store.row_by_path(p)
                         digest = "vector:" + hashlib.sha256(v.tobytes()).hexdigest()[:56]
                         if row is not None:

@@ -55,7 +55,7 @@ def test_each_type_reaches_the_recall_target_with_exact_scores(tmp_path: Path, i
     assert search["kind"] == index_type
     if index_type != "flat":
         assert search["recall_at_10"] >= ann.TARGET_RECALL and search["value"] >= 1
-        assert (idx.store.path / "search.faiss").is_file()
+        assert (idx.store.path / search["file"]).is_file() and search["file"].startswith("search-")
     q = fresh(6000)
     got = idx.search_vectors(q, k=10)
     truth = exact_top(vecs, q, 10)
@@ -74,7 +74,8 @@ def test_vectors_are_stored_once(tmp_path: Path) -> None:
     idx, vecs, _ = make(tmp_path, "ivf", 6000)
     files = idx.info()["disk"]["files"]
     assert files["vectors.f32"] == (6000 + 1) * DIM * 4  # slot 0 is unused: ids start at 1
-    assert files["search.faiss"] < 0.5 * files["vectors.f32"]  # 8-bit codes, not a second float32 copy
+    # 8-bit codes, not a second float32 copy
+    assert files[idx.store.manifest["search"]["file"]] < 0.5 * files["vectors.f32"]
     con = sqlite3.connect(idx.store.path / "meta.sqlite")
     assert "vector" not in {r[1] for r in con.execute("PRAGMA table_info(images)")}
 

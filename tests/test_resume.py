@@ -142,7 +142,7 @@ def test_damaged_files_are_reported_and_recovered(folder: Path, reference: dict,
     subprocess.run(cli("index", folder, "--index", index, *MODEL, "--index-type", index_type), check=True,
                    capture_output=True)  # fmt: skip
     if index_type != "flat":
-        search = index / "search.faiss"
+        search = index / json.loads((index / "manifest.json").read_text())["search"]["file"]
         data = search.read_bytes()
         search.write_bytes(data[: len(data) // 2])  # truncated: caught at open, by size
         r = subprocess.run(cli("query", folder / "img-001.png", "--index", index), capture_output=True, text=True)

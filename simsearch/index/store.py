@@ -6,10 +6,12 @@ readers, so opening costs nothing whatever the size). A slot is written and fsyn
 creates its row commits, and a committed slot is never rewritten (a changed file gets a new row), so a process
 killed at any moment leaves every committed row with its vector. A row's CRC-32 of its vector is kept for `verify`.
 
-The search structure (`search.faiss`, see `ann`) is a snapshot written atomically (temp file, fsync, rename) with
-its generation, size and sha256 in the manifest; it covers rows up to `search_max_id`. Rows committed after it
-(a sync in progress, or one killed before saving) are found by an exact scan of the slots past it, and removed rows
-are filtered out, so readers always answer from the last committed state. Readers memory-map IVF structures.
+The search structure (`search-GEN.faiss`, see `ann`) is a snapshot written under a new name (temp file, fsync,
+rename) before the manifest that names it, with its generation, size and sha256, replaces the old manifest; the
+previous file is deleted only then, so a crash leaves either the old pair or the new one. It covers rows up to
+`search_max_id`; rows committed after it (a sync in progress, or one killed before saving) are found by an exact
+scan of the slots past it, and removed rows are filtered out, so readers always answer from the last committed
+state. Readers memory-map IVF structures.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATABASE = "meta.sqlite"
 VECTORS_FILE = "vectors.f32"
-SEARCH_FILE = "search.faiss"
+SEARCH_FILE = "search-{generation}.faiss"
 LOCK_FILE = "write.lock"
 # Fields of the embedder signature that must match for vectors to be comparable.
 SIGNATURE_KEYS = ("backbone", "weights_digest", "input_size", "pooling", "dim", "fit", "precision")
@@ -200,6 +202,7 @@ class IndexStore:
         self._search_changed = False
         self._lock_fd: int | None = None
         self._search_lock = threading.Lock()
+        self._stats: tuple[int, int, int] | None = None  # (generation, count, max id), read once per generation
         self.index_type = manifest.get("index_type", "auto")
         self.memory_budget: int | None = manifest.get("memory_budget")
 
@@ -228,8 +231,10 @@ class IndexStore:
         if index_type not in INDEX_TYPES:
             check_factory(index_type, int(signature["dim"]))
         path.mkdir(parents=True, exist_ok=True)
-        for name in (DATABASE, VECTORS_FILE, SEARCH_FILE):
+        for name in (DATABASE, VECTORS_FILE):
             (path / name).unlink(missing_ok=True)
+        for old in path.glob("search-*.faiss"):
+            old.unlink()
         conn = _connect(path / DATABASE)
         with conn:
             conn.executescript(_SCHEMA)
@@ -305,7 +310,7 @@ class IndexStore:
             )
         search = self.manifest.get("search") or {}
         if search.get("kind", "flat") != "flat":
-            f = self.path / SEARCH_FILE
+            f = self.path / str(search.get("file"))
             if not f.is_file() or f.stat().st_size != search.get("bytes"):
                 raise IndexCorruptError(
                     f"index file {f} is missing or has the wrong size (damaged); `simsearch verify --index "
@@ -373,14 +378,22 @@ class IndexStore:
     def generation(self) -> int:
         return int(self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
 
+    def _counts(self) -> tuple[int, int]:
+        """(rows, max id) of the committed state, cached per generation (COUNT(*) scans the table)."""
+        gen = self.generation
+        if self._stats is None or self._stats[0] != gen:
+            n, top = self.conn.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM images").fetchone()
+            self._stats = (gen, int(n), int(top))
+        return self._stats[1], self._stats[2]
+
     def count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        return self._counts()[0]
 
     def failed_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM failures").fetchone()[0])
 
     def max_id(self) -> int:
-        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0])
+        return self._counts()[1]
 
     @property
     def dim(self) -> int:
@@ -402,7 +415,7 @@ class IndexStore:
         if not self._search_current():
             return None
         f = _faiss()
-        fpath = self.path / SEARCH_FILE
+        fpath = self.path / str((self.manifest.get("search") or {}).get("file"))
         flags = 0 if writable else (f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY)
         try:
             index = f.read_index(str(fpath), flags)
@@ -488,8 +501,8 @@ class IndexStore:
 
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, int(k))
-        n_slots = self.max_id() + 1
-        count = self.count()
+        count, top = self._counts()
+        n_slots = top + 1
         if count == 0 or len(q) == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         want = min(k, count)
@@ -518,7 +531,11 @@ class IndexStore:
 
     def _dead_in(self, lo: int, hi: int) -> int:
         """Removed slots in [lo, hi): they score 0 in an exact scan, so a scan fetches that many more."""
-        live = self.conn.execute("SELECT COUNT(*) FROM images WHERE id >= ? AND id < ?", (lo, hi)).fetchone()[0]
+        count, top = self._counts()
+        if lo == 0 and hi >= top + 1:
+            live = count
+        else:
+            live = self.conn.execute("SELECT COUNT(*) FROM images WHERE id >= ? AND id < ?", (lo, hi)).fetchone()[0]
         return max(0, (hi - lo) - int(live))
 
     def _scan(self, q: np.ndarray, lo: int, hi: int, k: int) -> np.ndarray:
@@ -614,7 +631,6 @@ class IndexStore:
         index = self._writable_index() if plan.kind != "flat" else None
         if plan.kind == "flat":
             self._index, self._index_loaded, self._index_writable = None, True, True
-            (self.path / SEARCH_FILE).unlink(missing_ok=True)
             search = {"kind": "flat", "factory": None}
         elif (
             index is not None
@@ -626,13 +642,15 @@ class IndexStore:
         else:
             if index is None or self._index_dirty or needs_rebuild(plan, built, n):
                 index, search = self._build_search(plan, n)
-            tmp = self.path / f".{SEARCH_FILE}.tmp-{os.getpid()}"
+            name = SEARCH_FILE.format(generation=gen)
+            tmp = self.path / f".{name}.tmp-{os.getpid()}"
             _faiss().write_index(index, str(tmp))
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             search["sha256"] = _file_sha256(tmp)
             search["bytes"] = tmp.stat().st_size
-            os.replace(tmp, self.path / SEARCH_FILE)
+            search["file"] = name
+            os.replace(tmp, self.path / name)
             _fsync_dir(self.path)
         self._index_dirty = self._search_changed = False
         self.manifest.update(
@@ -650,6 +668,10 @@ class IndexStore:
             }
         )
         atomic_write(self.path / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode())
+        keep = search.get("file")
+        for old in self.path.glob("search-*.faiss"):  # only after the manifest names the new one
+            if old.name != keep:
+                old.unlink(missing_ok=True)
 
     def _build_search(self, plan: Any, n: int) -> tuple[Any, dict[str, Any]]:
         """Train (on a sample) and fill a structure from the stored vectors, then tune its search parameter."""

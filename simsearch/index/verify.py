@@ -19,7 +19,7 @@ from ..errors import SimsearchError
 
 def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
     """{"path", "ok", "checks": [{"name", "ok", "detail"}], "repaired"} for the index at `path`."""
-    from .store import DATABASE, MANIFEST, SEARCH_FILE, VECTORS_FILE, IndexStore, _connect, _file_sha256
+    from .store import DATABASE, MANIFEST, VECTORS_FILE, IndexStore, _connect, _file_sha256
 
     path = Path(path).expanduser().absolute()
     checks: list[dict[str, Any]] = []
@@ -53,18 +53,17 @@ def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
     search = manifest.get("search") or {}
     search_ok = True
     if search.get("kind", "flat") != "flat":
-        f = path / SEARCH_FILE
+        f = path / str(search.get("file"))
         digest = _file_sha256(f) if f.is_file() else None
         state = "checksum matches" if digest == search.get("sha256") else "missing or damaged"
         search_ok = check("search structure", digest == search.get("sha256"),
-                          f"{SEARCH_FILE} ({search.get('factory')}): {state}")  # fmt: skip
+                          f"{f.name} ({search.get('factory')}): {state}")  # fmt: skip
     else:
         check("search structure", True, "flat: exact search over the vectors, no structure to check")
     conn.close()
     repaired = False
     if repair and not search_ok and vectors_ok:
         m = dict(manifest, search={"kind": "flat", "factory": None})
-        (path / SEARCH_FILE).unlink(missing_ok=True)
         (path / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
         store = IndexStore.open(path)
         try:
