@@ -67,9 +67,15 @@ def synth(base: np.ndarray, n: int, seed: int, out: Path | None = None) -> np.nd
     return arr
 
 
-SIG = {"weights": "imagenet", "input_size": 224, "pooling": "avg", "fit": "resize", "precision": "fp32"}
+# Each child reports its own peak RSS: wait4's figure would include the parent's pages at fork time.
+PEAK = (
+    "import atexit, resource, sys\n"
+    "atexit.register(lambda: sys.stderr.write("
+    "f'\\nPEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'))\n"
+)
+CLI = PEAK + "import sys\nfrom simsearch.cli import main\nsys.argv = ['simsearch', *sys.argv[1:]]\nmain()\n"
 
-BUILD = """
+BUILD = PEAK + """
 import json, sys, time, numpy as np
 sys.path.insert(0, sys.argv[5])
 from simsearch.api import SimIndex
@@ -88,7 +94,7 @@ idx.add_vectors(paths, vecs)
 print(json.dumps({"seconds": time.perf_counter() - t, "search": idx.store.manifest["search"]}))
 """
 
-OLD_BUILD = """
+OLD_BUILD = PEAK + """
 import json, sys, time, numpy as np
 sys.path.insert(0, sys.argv[5])
 from simsearch.index.store import IndexStore
@@ -124,16 +130,14 @@ print(json.dumps({"p50": float(np.percentile(lat, 50)), "p99": float(np.percenti
 
 
 def run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
-    """stdout, wall seconds and peak RSS (MiB) of one child process."""
+    """stdout, wall seconds and peak RSS (MiB, as the child measured itself) of one child process."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out = p.stdout.read()
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd[:3])} ...\n{err[-3000:]}")
-    return out, wall, usage.ru_maxrss / 1024
+    if p.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd[:3])} ...\n{p.stderr[-3000:]}")
+    peak = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
+    return p.stdout, wall, int(peak[-1]) / 1024 if peak else float("nan")
 
 
 def main() -> None:
@@ -194,8 +198,8 @@ def main() -> None:
             recall = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)]))
             cli_wall, cli_rss = [], []
             for _ in range(3):
-                o, w, r = run([sys.executable, "-m", "simsearch.cli", "query", plant, "--index", str(path), "-k",
-                               "10", "--json"], env=cenv)  # fmt: skip
+                o, w, r = run([sys.executable, "-c", CLI, "query", plant, "--index", str(path), "-k", "10", "--json"],
+                              env=cenv)  # fmt: skip
                 cli_wall.append(w)
                 cli_rss.append(r)
             row = {"type": kind, "n": n, "search": built["search"].get("factory") or built["search"].get("kind"),

@@ -511,6 +511,8 @@ class IndexStore:
         if index is not None:
             fresh = self._index_writable and not self._index_dirty  # a writer keeps it in step with each commit
             covered = n_slots - 1 if fresh else int(self.manifest.get("search_max_id", -1))
+        if index is None:  # exact: the scan's scores are the final ones; removed (zeroed) slots are dropped
+            return self._exact(q, want, n_slots)
         cand: list[np.ndarray] = []
         if index is not None:
             with self._search_lock:
@@ -527,6 +529,23 @@ class IndexStore:
         if short.any():  # a structure can miss rows when few are left: an exact pass fills those queries
             full = self._scan(q[short], 0, n_slots, want + self._dead_in(0, n_slots))
             scores[short], ids[short] = self._rescore(q[short], full, want)
+        return scores, ids
+
+    def _exact(self, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        base = self.vectors_file.view(n_slots)[:n_slots]
+        kk = min(len(base), k + self._dead_in(0, n_slots))
+        sc, idx = faiss.knn(q, np.ascontiguousarray(base), kk, metric=faiss.METRIC_INNER_PRODUCT)
+        live = self._live(np.unique(idx[idx >= 0]).tolist()) if kk > k or self._dead_in(0, n_slots) else None
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        for r in range(len(q)):
+            keep = idx[r] >= 0
+            if live is not None:
+                keep &= np.isin(idx[r], list(live))
+            s_r, i_r = sc[r][keep][:k], idx[r][keep][:k]
+            scores[r, : len(i_r)], ids[r, : len(i_r)] = s_r, i_r
         return scores, ids
 
     def _dead_in(self, lo: int, hi: int) -> int:
