@@ -277,3 +277,26 @@ def test_kill_9_while_adding_then_resume_with_every_type(tmp_path: Path, index_t
     assert idx.store.manifest["search"]["kind"] == expected
     top = idx.search_vectors(vecs[[0, 1999, 3999]], k=1)
     assert [g[0].path for g in top] == ["/k/0", "/k/1999", "/k/3999"]
+
+
+def test_dedup_from_the_vector_file_equals_dedup_from_copies(tmp_path: Path, monkeypatch) -> None:
+    """Large collections are grouped straight from the memory-mapped file; the groups are the same."""
+    from simsearch.dedup import finder
+
+    rng = np.random.default_rng(4)
+    base = clustered(1500, seed=4, clusters=1500)
+    near = base[:200] + rng.normal(scale=0.01, size=(200, DIM)).astype(np.float32)
+    vecs = np.concatenate([base, near, base[300:310]])  # 200 near copies, 10 exact copies
+    idx = SimIndex(IndexStore.create(tmp_path / "d", SIG, index_type="ivf"))
+    idx.add_vectors([f"/d/{i}" for i in range(len(vecs))], vecs)
+    idx.store.acquire_lock()
+    with idx.store.transaction() as txn:
+        txn.delete_paths([f"/d/{i}" for i in (1, 2, 3)])  # removed slots stay in the file, zeroed
+    idx.store.save()
+    idx.store.release_lock()
+    monkeypatch.setattr(finder, "SLOT_ORDER_MIN", 10**9)
+    copies = finder.find_duplicates(idx.store, 0.95)
+    monkeypatch.setattr(finder, "SLOT_ORDER_MIN", 0)
+    slots = finder.find_duplicates(idx.store, 0.95)
+    assert [g.files for g in slots.groups] == [g.files for g in copies.groups]
+    assert sum(g.kind == "exact" for g in slots.groups) == 10 and len(slots.groups) == 10 + 197
