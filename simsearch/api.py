@@ -63,11 +63,16 @@ class SimIndex:
         seed: int = 0,
         input_size: int | None = None,
         representative: list[str] | None = None,
+        index_type: str = "auto",
+        memory_budget: int | str | None = None,
     ) -> SimIndex:
         """Create an empty index for a backbone (builds the model to learn its signature).
 
         `representative`: image paths that calibrate `precision="int8"` (a sample of the images to index).
+        `index_type`: auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (see `simsearch.index.ann`);
+        `memory_budget` (bytes or "2GB") steers `auto` towards compressed codes.
         """
+        from .index.ann import parse_budget
         from .models.embedder import Embedder
 
         kw = _embed_kwargs(fit, precision)
@@ -75,7 +80,8 @@ class SimIndex:
         emb = Embedder(backbone, weights=weights, pooling=pooling, batch_size=batch_size, engine=engine,
                        seed=seed, input_size=input_size, representative=calibration or None, **kw)  # fmt: skip
         extra = {"calibration": calibration} if calibration else {}
-        store = IndexStore.create(path, {**emb.signature(), "seed": seed, **extra})
+        store = IndexStore.create(path, {**emb.signature(), "seed": seed, **extra}, index_type=index_type,
+                                  memory_budget=parse_budget(memory_budget))  # fmt: skip
         idx = cls(store)
         idx._embedder = emb
         return idx
@@ -206,16 +212,30 @@ class SimIndex:
             query = str(p)
         return self.embedder.embed_one(query)
 
-    def search(self, query: Any, k: int = 10, min_score: float | None = None) -> list[Match]:
-        """The k nearest indexed images to `query` (path, PIL image, array or id), best first."""
-        return self.search_vectors(self.vector_for(query)[None], k, min_score, self._self_id(query))[0]
+    def search(
+        self, query: Any, k: int = 10, min_score: float | None = None, nprobe: int | None = None, exact: bool = False
+    ) -> list[Match]:
+        """The k nearest indexed images to `query` (path, PIL image, array or id), best first.
+
+        `nprobe` overrides the index's tuned search parameter (IVF lists, or HNSW efSearch); `exact` searches
+        every vector. Scores are always exact cosines from the stored vectors.
+        """
+        return self.search_vectors(self.vector_for(query)[None], k, min_score, self._self_id(query), nprobe, exact)[0]
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int = 10, min_score: float | None = None, first_id: int | None = None
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        min_score: float | None = None,
+        first_id: int | None = None,
+        nprobe: int | None = None,
+        exact: bool = False,
     ) -> list[list[Match]]:
+        """The k nearest indexed images to each query vector (n, dim); normalised here if they are not."""
         if k < 1:
             raise BadInputError("k must be at least 1")
-        scores, ids = self.store.search(vectors, k)
+        vectors = _checked_vectors(queries, self.store.dim, "query vectors")
+        scores, ids = self.store.search(vectors, k, param=nprobe, exact=exact)
         rows = self.store.rows({int(i) for i in ids.ravel() if i >= 0})
         out = []
         for srow, irow in zip(scores, ids, strict=True):
@@ -237,12 +257,75 @@ class SimIndex:
             return row.id if row else None
         return None
 
+    def add_vectors(self, paths: list[str], vectors: np.ndarray) -> dict[str, int]:
+        """Add embeddings computed elsewhere: `vectors` (n, dim) float32 for `paths` (which need not exist here).
+
+        Vectors are L2-normalised if they are not; a path already in the index has its vector replaced. Wrong
+        shapes, NaNs or a path count that differs: a clear error and nothing written. Holds the write lock.
+        """
+        import hashlib
+
+        paths = [str(p) for p in paths]
+        arr = np.asarray(vectors)  # may be a memory map: checked and normalised chunk by chunk, never copied whole
+        if arr.ndim != 2 or arr.shape[1] != self.store.dim:
+            raise BadInputError(f"vectors have shape {tuple(arr.shape)}; this index takes (n, {self.store.dim})")
+        if len(paths) != len(arr):
+            raise BadInputError(f"{len(paths)} paths for {len(arr)} vectors")
+        if len(set(paths)) != len(paths):
+            raise BadInputError("the same path is given twice")
+        if any(not p for p in paths):
+            raise BadInputError("empty path")
+        step = 50_000
+        for a in range(0, len(arr), step):  # everything is checked before anything is written
+            _checked_vectors(arr[a : a + step], self.store.dim, "vectors")
+        self.store.acquire_lock()
+        added = replaced = 0
+        try:
+            for a in range(0, len(paths), step):
+                chunk = _checked_vectors(arr[a : a + step], self.store.dim, "vectors")
+                with self.store.transaction() as txn:
+                    for p, v in zip(paths[a : a + step], chunk, strict=True):
+                        row = self.store.row_by_path(p)
+                        digest = "vector:" + hashlib.sha256(v.tobytes()).hexdigest()[:56]
+                        if row is not None:
+                            txn.replace_vector(row.id, 0, 0, digest, None, None, v)
+                            replaced += 1
+                        else:
+                            txn.insert(p, 0, 0, digest, None, None, v)
+                            added += 1
+            self.store.save()
+        finally:
+            self.store.release_lock()
+        return {"added": added, "replaced": replaced, "total": self.store.count()}
+
     def info(self) -> dict[str, Any]:
         m = dict(self.store.manifest)
         m["path"] = str(self.store.path)
         m["counts"] = {"images": self.store.count(), "failed": self.store.failed_count()}
         m["generation_committed"] = self.store.generation
+        files = {f.name: f.stat().st_size for f in self.store.path.iterdir() if f.is_file()}
+        n = max(1, m["counts"]["images"])
+        total = sum(files.values())
+        m["disk"] = {"total_bytes": total, "bytes_per_image": round(total / n), "files": files}
         return m
+
+
+def _checked_vectors(x: Any, dim: int, what: str) -> np.ndarray:
+    """(n, dim) float32, finite and L2-normalised, or a one-line BadInputError."""
+    a = np.asarray(x)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise BadInputError(f"{what} have shape {tuple(np.shape(x))}; this index takes (n, {dim})")
+    if not np.issubdtype(a.dtype, np.number):
+        raise BadInputError(f"{what} are not numbers ({a.dtype})")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise BadInputError(f"{what} contain NaN or infinite values")
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise BadInputError(f"{what} contain an all-zero vector")
+    return np.ascontiguousarray(a / norms, dtype=np.float32)
 
 
 def _weights_label(w: str) -> str:

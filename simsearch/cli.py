@@ -119,6 +119,13 @@ def index_cmd(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Discard the index contents and re-embed everything.")
     ] = False,
+    index_type: Annotated[
+        str | None,
+        typer.Option("--index-type", help="auto (default), flat, hnsw, ivf, ivfpq, or a FAISS factory string."),
+    ] = None,
+    memory_budget: Annotated[
+        str | None, typer.Option("--memory-budget", help="Memory for the search structure, e.g. 2GB (auto type).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Build or update (sync) an index of FOLDER. Run it again to add new, changed and removed files."""
@@ -131,16 +138,22 @@ def index_cmd(
     path = (index or default_index_path(folder)).expanduser()
     opts = {"backbone": backbone, "weights": weights, "pooling": pooling, "fit": fit, "precision": precision,
             "input_size": input_size}  # fmt: skip
+    from .index.ann import parse_budget
+
+    budget = parse_budget(memory_budget)
     if IndexStore.exists(path):
         idx = SimIndex.open(path, engine=engine, batch_size=batch_size)
         if rebuild:
             idx.rebuild(opts)
         else:
             idx.check_backbone(opts)
+        if index_type is not None or memory_budget is not None:
+            idx.store.set_index_type(index_type or idx.store.index_type, budget)
     else:
         rep = _calibration_sample(folder) if precision == "int8" else None
         idx = SimIndex.create(path, **{k: v for k, v in opts.items() if v is not None}, engine=engine,
-                              batch_size=batch_size, representative=rep)  # fmt: skip
+                              batch_size=batch_size, representative=rep, index_type=index_type or "auto",
+                              memory_budget=budget)  # fmt: skip
     from .progress import display
 
     with idx, display() as shown:
@@ -181,6 +194,10 @@ def query_cmd(
     engine: Annotated[
         str, typer.Option("--engine", help="auto, tflite or keras (for images not in the index).")
     ] = "auto",
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", min=1, help="Lists (IVF) or efSearch (HNSW) to search; default: tuned.")
+    ] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Search every stored vector exactly.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Find the indexed images most similar to each IMAGE (cosine similarity, 1.0 = identical)."""
@@ -189,7 +206,7 @@ def query_cmd(
     with SimIndex.open(_resolve_index(index), engine=engine) as idx:
         results = []
         for img in images:
-            matches = idx.search(img, k=k, min_score=min_score)
+            matches = idx.search(img, k=k, min_score=min_score, nprobe=nprobe, exact=exact)
             results.append({"query": os.path.abspath(img.expanduser()), "matches": [m.to_json() for m in matches]})
     if as_json:
         _emit({"results": results})
@@ -215,9 +232,15 @@ def info_cmd(
     if as_json:
         _emit(data)
         return
-    for key in ("path", "backbone", "weights", "input_size", "pooling", "fit", "precision", "dim", "faiss_index",
+    for key in ("path", "backbone", "weights", "input_size", "pooling", "fit", "precision", "dim", "index_type",
                 "created", "updated"):  # fmt: skip
         typer.echo(f"{key + ':':<13}{data.get(key)}")
+    search = data.get("search") or {}
+    tuned = (
+        f", {search['param']} {search['value']} (recall@10 {search.get('recall_at_10')})" if search.get("param") else ""
+    )
+    typer.echo(f"{'search:':<13}{search.get('kind')} {search.get('factory') or ''}{tuned}".rstrip())
+    typer.echo(f"{'disk:':<13}{data['disk']['bytes_per_image']} bytes per image ({data['disk']['total_bytes']} in all)")
     typer.echo(f"{'images:':<13}{data['counts']['images']}")
     typer.echo(f"{'failed:':<13}{data['counts']['failed']}")
 
@@ -354,6 +377,76 @@ def undo_cmd(
         typer.echo(f"  missing, not restored: {m}", err=True)
     if res["permanently_deleted"]:
         typer.echo(f"  {res['permanently_deleted']} files were deleted permanently and cannot be restored", err=True)
+
+
+@app.command("import")
+def import_cmd(
+    vectors: Annotated[Path, typer.Argument(help="A .npy file of float32 vectors, shape (n, dim).")],
+    paths: Annotated[Path, typer.Argument(help="A text file of n paths, one per line (they need not exist here).")],
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory (created if missing).")],
+    backbone: Annotated[
+        str, typer.Option("--backbone", help="Name recorded for a new index's vectors (they are not checked).")
+    ] = "external",
+    index_type: Annotated[str, typer.Option("--index-type", help="For a new index: auto, flat, ivf, ...")] = "auto",
+    as_json: JsonFlag = False,
+) -> None:
+    """Add embeddings computed elsewhere; a path already indexed gets the new vector."""
+    import numpy as np
+
+    from .api import SimIndex
+    from .index.store import IndexStore
+
+    for f in (vectors, paths):
+        if not f.expanduser().is_file():
+            raise BadInputError(f"file not found: {f}")
+    try:
+        arr = np.load(vectors.expanduser(), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read {vectors} as a .npy array: {e}") from None
+    names = [line.rstrip("\n") for line in paths.expanduser().read_text(encoding="utf-8").splitlines() if line.strip()]
+    if arr.ndim != 2:
+        raise BadInputError(f"{vectors} has shape {arr.shape}; expected (n, dim)")
+    path = index.expanduser()
+    if IndexStore.exists(path):
+        idx = SimIndex.open(path)
+    else:
+        sig = {"backbone": backbone, "weights": "external", "weights_digest": f"external-{backbone}",
+               "input_size": 0, "pooling": "external", "dim": int(arr.shape[1]), "fit": "external",
+               "precision": "external"}  # fmt: skip
+        from .index.ann import INDEX_TYPES, check_factory
+
+        if index_type not in INDEX_TYPES:
+            check_factory(index_type, int(arr.shape[1]))
+        idx = SimIndex(IndexStore.create(path, sig, index_type=index_type))
+    with idx:
+        res = idx.add_vectors(names, arr)
+    if as_json:
+        _emit({"index": str(path.absolute()), **res})
+    else:
+        typer.echo(f"Imported {len(names)} vectors into {path.absolute()}: {res['added']} added, "
+                   f"{res['replaced']} replaced; {res['total']} in the index.")  # fmt: skip
+
+
+@app.command("verify")
+def verify_cmd(
+    index: IndexPath = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Rebuild a damaged search structure from the stored vectors.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Check every part of an index: database, vectors (per-row checksums), search structure (sha256)."""
+    from .index.verify import verify
+
+    res = verify(_resolve_index(index), repair=repair)
+    if as_json:
+        _emit(res)
+    else:
+        for c in res["checks"]:
+            typer.echo(f"  {'ok ' if c['ok'] else 'BAD'}  {c['name']}: {c['detail']}")
+        typer.echo(f"{'index is sound' if res['ok'] else 'index is damaged'}: {res['path']}")
+    if not res["ok"]:
+        raise typer.Exit(2)
 
 
 @app.command("train")

@@ -161,11 +161,14 @@ def test_errors_are_one_line_with_exit_codes(built: tuple[Path, dict], tmp_path:
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
 
 
-def test_resync_is_a_no_op_then_tracks_changes(library: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("index_type", ["auto", "IVF2,SQ8", "hnsw"])
+def test_resync_is_a_no_op_then_tracks_changes(library: Path, tmp_path: Path, index_type: str) -> None:
     folder = tmp_path / "f"
     shutil.copytree(library, folder)
     index = tmp_path / "idx"
-    first = run_json("index", folder, "--index", index)
+    first = run_json("index", folder, "--index", index, "--index-type", index_type)
+    kind = json.loads((index / "manifest.json").read_text())["search"]["kind"]
+    assert kind == {"auto": "flat", "IVF2,SQ8": "factory", "hnsw": "hnsw"}[index_type]
     again = run_json("index", folder, "--index", index)
     assert again["unchanged"] == first["indexed"] and again["indexed"] == 0 and again["embedded"] == 0
     (folder / "copies" / "coffee-small.jpg").rename(folder / "moved.jpg")
@@ -175,6 +178,13 @@ def test_resync_is_a_no_op_then_tracks_changes(library: Path, tmp_path: Path) ->
     assert (third["moved"], third["removed"], third["added"], third["embedded"]) == (1, 1, 1, 0)
     q = run_json("query", folder / "moved.jpg", "--index", index, "-k", "1")
     assert q["results"][0]["matches"][0] == {"path": str(folder / "moved.jpg"), "score": 1.0}
+    edited(folder / "rocket.jpg", folder / "rocket2.jpg", scale=0.5, quality=40)  # changed content: re-embedded
+    fourth = run_json("index", folder, "--index", index)
+    assert (fourth["updated"], fourth["embedded"]) == (1, 1)
+    for name in ("rocket2.jpg", "moved.jpg", "chelsea.jpg"):
+        q = run_json("query", folder / name, "--index", index, "-k", "3")
+        paths = [m["path"] for m in q["results"][0]["matches"]]
+        assert paths[0] == str(folder / name) and str(folder / "astronaut.jpg") not in paths
 
 
 def test_installed_console_script(built: tuple[Path, dict], library: Path) -> None:

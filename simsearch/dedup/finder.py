@@ -141,10 +141,14 @@ def find_duplicates(
     ]
     if near:
         reps = [members[0] for members in by_sha.values()]  # in keep order: position = priority
-        vecs = store.vectors([r.id for r in reps])
-        stage(f"similar pairs among {len(reps)} images")
-        i, j, s = similar_pairs(vecs, threshold)
         n = len(reps)
+        stage(f"similar pairs among {len(reps)} images")
+        if n >= SLOT_ORDER_MIN and rotations is None and threshold > 0:
+            vecs = None
+            i, j, s = _pairs_in_slot_order(store, np.array([r.id for r in reps], np.int64), threshold)
+        else:
+            vecs = store.vectors([r.id for r in reps])
+            i, j, s = similar_pairs(vecs, threshold)
         if rotations is not None:
             stage("rotated and mirrored copies")
             i, j, s = _merge_pairs(i, j, s, *_rotation_pairs(rotations, [r.path for r in reps], vecs, threshold))
@@ -217,6 +221,29 @@ def _rotation_pairs(embedder: Any, paths: list[str], vecs: np.ndarray, threshold
     if not out_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+
+
+SLOT_ORDER_MIN = 20_000
+
+
+def _pairs_in_slot_order(store: IndexStore, rep_ids: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
+    """Similar pairs straight from the memory-mapped vector file (no copy of N vectors), mapped to rep positions.
+
+    Removed slots are zero and non-representative rows (byte copies of a representative) are dropped, so the result
+    equals `similar_pairs` over the representatives' vectors.
+    """
+    from .graph import similar_pairs
+
+    view = store.vectors_file.view(int(rep_ids.max()) + 1)
+    i, j, s = similar_pairs(view, threshold)
+    pos = np.full(len(view), -1, np.int64)
+    pos[rep_ids] = np.arange(len(rep_ids))
+    a, b = pos[i], pos[j]
+    keep = (a >= 0) & (b >= 0)
+    a, b, s = a[keep], b[keep], s[keep]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    order = np.lexsort((hi, lo))
+    return lo[order], hi[order], s[order]
 
 
 def _merge_pairs(*arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -248,9 +248,8 @@ def _apply(
             else:  # its twin changed in this very run; the next run embeds it
                 continue
             if row is not None:
-                txn.replace_vector(row.id, rec.size, rec.mtime_ns, rec.sha256, width, height, vector)
+                rid = txn.replace_vector(row.id, rec.size, rec.mtime_ns, rec.sha256, width, height, vector)
                 _forget(sha_ids, row)
-                rid = row.id
                 report.updated += 1
             else:
                 rid = txn.insert(rec.path, rec.size, rec.mtime_ns, rec.sha256, width, height, vector)
