@@ -67,11 +67,15 @@ def synth(base: np.ndarray, n: int, seed: int, out: Path | None = None) -> np.nd
     return arr
 
 
-# Each child reports its own peak RSS: wait4's figure would include the parent's pages at fork time.
+# Each child reports its own peak RSS (VmHWM of its own address space): wait4's and getrusage's figures keep the
+# parent's pages at fork time, which here hold gigabytes of vectors.
 PEAK = (
-    "import atexit, resource, sys\n"
-    "atexit.register(lambda: sys.stderr.write("
-    "f'\\nPEAK_RSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'))\n"
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write(f'\\nPEAK_RSS_KB {line.split()[1]}\\n')\n"
+    "atexit.register(_peak)\n"
 )
 CLI = PEAK + "import sys\nfrom simsearch.cli import main\nsys.argv = ['simsearch', *sys.argv[1:]]\nmain()\n"
 

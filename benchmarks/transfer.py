@@ -4,8 +4,8 @@
     python benchmarks/transfer.py FOLDER --split labels --modes head       # any labelled folder (subfolders)
     python benchmarks/transfer.py ../shared/data/clothing --limit 2000 --split images   # ~1,600 training images
 
-Each training runs `simsearch train ... --json` in a child process (its own wall time and peak RSS) with a cold
-feature cache and the converted TFLite model already cached, as a user's second run would. The off-the-shelf row
+Each training runs `simsearch train ... --json` in a child process (its own wall time and peak RSS, VmHWM) with a
+cold feature cache and the converted TFLite model already cached, as a user's second run would. The off-the-shelf row
 is the base backbone scored on exactly the same held-out images (`val_map_before` of the same run).
 For the clothing set the labels "Not sure", "Skip" and "Other" are left out: they are not classes.
 """
@@ -24,6 +24,18 @@ import time
 from pathlib import Path
 
 NOT_CLASSES = {"Not sure", "Skip", "Other"}
+# The child reports its own peak RSS (VmHWM): wait4's figure keeps the parent's pages at fork time.
+CLI = (
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write(f'\\nPEAK_RSS_KB {line.split()[1]}\\n')\n"
+    "atexit.register(_peak)\n"
+    "from simsearch.cli import main\n"
+    "sys.argv = ['simsearch', *sys.argv[1:]]\n"
+    "main()\n"
+)
 
 
 def clothing_csv(root: Path, out: Path, limit: int | None, seed: int) -> Path:
@@ -59,15 +71,13 @@ class _Child:
     def run(self, cmd: list[str]) -> tuple[dict, float, float]:
         env = self.env()
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out = p.stdout.read()
-        err = p.stderr.read()
-        _, status, usage = os.wait4(p.pid, 0)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         shutil.rmtree(env["SIMSEARCH_CACHE"], ignore_errors=True)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"child failed: {' '.join(cmd)}\n{err[-3000:]}")
-        return json.loads(out.strip().splitlines()[-1]), wall, usage.ru_maxrss / 1024
+        if p.returncode != 0:
+            raise SystemExit(f"child failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        peak = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
+        return json.loads(p.stdout.strip().splitlines()[-1]), wall, int(peak[-1]) / 1024 if peak else float("nan")
 
 
 def main() -> None:
@@ -101,7 +111,7 @@ def main() -> None:
     for sp in splits:
         for mode in args.modes.split(","):
             out = tmp / f"model-{sp}-{mode}"
-            cmd = [sys.executable, "-m", "simsearch.cli", "train", str(args.folder), "--out", str(out),
+            cmd = [sys.executable, "-c", CLI, "train", str(args.folder), "--out", str(out),
                    "--backbone", args.backbone, "--mode", mode, "--split", sp, "--seed", str(args.seed),
                    "--loss", args.loss, "--json", *args.extra.split()]  # fmt: skip
             if labels is not None:
