@@ -141,6 +141,14 @@ def index_cmd(
     from .index.ann import parse_budget
 
     budget = parse_budget(memory_budget)
+    if rebuild and IndexStore.exists(path):
+        from .errors import IndexCorruptError
+
+        try:
+            IndexStore.open(path).close()
+        except IndexCorruptError as e:  # --rebuild discards the contents anyway: start from the empty index
+            print(f"simsearch: warning: {e}; rebuilding it from scratch", file=sys.stderr)
+            IndexStore.discard(path)
     if IndexStore.exists(path):
         idx = SimIndex.open(path, engine=engine, batch_size=batch_size)
         if rebuild:

@@ -265,7 +265,7 @@ def test_unreadable_files_are_skipped_and_counted(labelled: Path, tmp_path: Path
     root = tmp_path / "set"
     shutil.copytree(labelled, root)
     (root / "item00" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    res = train(root, tmp_path / "m", **BASE, dim=16, epochs=2)
+    res = train(root, tmp_path / "m", **BASE, dim=8, epochs=1)
     assert [Path(s["path"]).name for s in res.skipped] == ["broken.jpg"]
     assert any("unreadable" in w for w in res.warnings)
 
@@ -305,7 +305,7 @@ def test_finetune_trains_the_last_block_and_keeps_the_best(labelled: Path, tmp_p
     assert cut == "block14_add"  # the last block and the head conv are trained
     x = bb.preprocess(np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8))
     assert np.allclose(np.asarray(upper(lower(x))), np.asarray(bb.model(x)), atol=1e-5)
-    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=2, views=2, seed=1)
+    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=1, views=2, seed=1)
     t = res.manifest["training"]
     assert t["mode"] == "finetune" and t["cut"] == "block14_add"
     assert [h["phase"] for h in res.history][-1] == "finetune"

@@ -300,6 +300,15 @@ class IndexStore:
         store._check_sizes()
         return store
 
+    @staticmethod
+    def discard(path: str | Path) -> None:
+        """Remove an index's data files (for --rebuild of a damaged index); undo manifests and trash stay."""
+        path = Path(path)
+        for name in (MANIFEST, DATABASE, DATABASE + "-wal", DATABASE + "-shm", VECTORS_FILE):
+            (path / name).unlink(missing_ok=True)
+        for old in path.glob("search-*.faiss"):
+            old.unlink()
+
     def _check_sizes(self) -> None:
         """Cheap damage checks at open: the vector file covers every committed slot, the search file has its size."""
         want = int(self.manifest.get("vectors_slots", 0))
