@@ -13,9 +13,12 @@ Workers open files by path: the folder must be on a filesystem that every node m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -222,8 +225,10 @@ class RayEmbedder:
         self.address = address
         self.requested_workers = workers
         self.shard_size = max(1, int(shard_size))
+        # address, workers, shards; and start_s, seconds until the first shard came back (Ray start, actors, one shard)
         self.info: dict[str, Any] = {"address": address, "workers": 0, "shards": 0}
         self._started = False
+        self._batches: Any = None
 
     def embed_files(
         self, paths: Iterable[str], known_hash: Callable[[str], bool] | None = None
@@ -232,6 +237,7 @@ class RayEmbedder:
         paths = list(paths)
         if not paths:
             return
+        t0 = time.perf_counter()
         emb = self._embedder if isinstance(self._embedder, Embedder) else self._embedder()
         ray = require_ray()
         address, started = connect(self.address)
@@ -253,8 +259,11 @@ class RayEmbedder:
             num_cpus=threads,
             fn_constructor_kwargs={"payload": payload},
         )
+        self._batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in self._batches:
+                if "start_s" not in self.info:  # Ray and actors started, first shard embedded: the fixed cost
+                    self.info["start_s"] = round(time.perf_counter() - t0, 3)
                 records = columns_to_records(batch)
                 if known_hash is not None:
                     for r in records:
@@ -268,7 +277,10 @@ class RayEmbedder:
             del model_ref
 
     def close(self) -> None:
-        """Shut Ray down if this embedder started it."""
+        """Stop a job left unfinished (Ctrl-C, an error) and shut Ray down if this embedder started it."""
+        batches, self._batches = self._batches, None
+        if batches is not None and hasattr(batches, "close"):
+            batches.close()
         if self._started:
             import ray
 
@@ -305,15 +317,21 @@ def sync_with_ray(
     progress: ProgressFn | None = None,
     commit_every: int = 256,
 ) -> SyncReport:
-    """`sync_folder` with its embedding on Ray; the report gains a `ray` entry (address, workers, shards)."""
+    """`sync_folder` with its embedding on Ray; the report gains a `ray` entry (address, workers, shards).
+
+    Ray prints its cluster's error notices (e.g. actors killed on Ctrl-C) on stdout; during the call they go to
+    stderr, so that stdout stays the CLI's report.
+    """
     require_ray()
     remote = RayEmbedder(embedder, address, workers, shard_size=commit_every)
     try:
-        report = sync_folder(store, lambda: remote, folder, progress=progress, commit_every=commit_every)
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                report = sync_folder(store, lambda: remote, folder, progress=progress, commit_every=commit_every)
+            finally:
+                remote.close()
     except SyncInterrupted as e:
         e.report.ray = remote.info
         raise
-    finally:
-        remote.close()
     report.ray = remote.info
     return report
