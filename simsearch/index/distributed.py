@@ -253,9 +253,7 @@ class RayEmbedder:
         ds = _dataset(ray, shards).map_batches(
             EmbedShards,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                size=workers, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
-            ),
+            compute=_actor_pool(ray, workers),
             num_cpus=threads,
             fn_constructor_kwargs={"payload": payload},
         )
@@ -288,11 +286,26 @@ class RayEmbedder:
             self._started = False
 
 
+def _actor_pool(ray: Any, workers: int) -> Any:
+    """A fixed pool of `workers` actors, each running two shards at once (one decodes while the other's batches
+    are on the model), so an actor does not idle between shards; older Ray Data runs one shard at a time."""
+    try:
+        return ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=2,
+                                          enable_true_multi_threading=True)  # fmt: skip
+    except TypeError:
+        return ray.data.ActorPoolStrategy(size=workers)
+
+
 def _dataset(ray: Any, shards: list[list[str]]) -> Any:
+    """One row, and one block, per shard."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard order = local order: same ids, resume from a prefix
     ctx.enable_progress_bars = False  # sync reports progress itself
-    return ray.data.from_items([{"paths": s} for s in shards], override_num_blocks=len(shards))
+    rows = [{"paths": s} for s in shards]
+    try:
+        return ray.data.from_items(rows, override_num_blocks=len(shards))
+    except TypeError:  # Ray Data before 2.10 named it `parallelism`
+        return ray.data.from_items(rows, parallelism=len(shards))
 
 
 def explain_failure(e: BaseException) -> BaseException:
