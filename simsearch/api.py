@@ -166,7 +166,7 @@ class SimIndex:
         node); planning, commits and resume are the same as a local run.
         """
         if workers is not None and ray is None:
-            raise BadInputError("--workers goes with --ray")
+            raise BadInputError("workers= goes with ray=")
         self.store.acquire_lock()
         try:
             emb = self._embedder or (lambda: self.embedder)
