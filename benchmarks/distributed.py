@@ -131,42 +131,40 @@ def main() -> int:
     print(f"images: {n} embedded of {runs['local']['total']} ({folder if not args.limit else args.folder}); "
           f"2-core machine shared with other work")  # fmt: skip
     print("wall: the whole child process; sync: the CLI's own timing (for Ray it includes starting Ray and the "
-          "actors); marginal: (images - 8) / (wall - wall of the same run on 8 images), the rate without fixed "
-          "costs that a long run approaches")  # fmt: skip
-    print(f"{'run':<8}{'wall s':>8}{'sync s':>8}{'start s':>8}{'img/s wall':>11}{'sync':>8}{'marginal':>9}"
-          f"{'wall vs local':>14}{'marginal vs local':>18}  identical")  # fmt: skip
+          "actors); steady: local = sync, Ray = its steady_img_s (files over the time from the first shard begun to "
+          "the last ended, on the workers), the rate a long run approaches; start: Ray's start_s")  # fmt: skip
+    print(f"{'run':<8}{'wall s':>8}{'sync s':>8}{'start s':>8}{'img/s wall':>11}{'sync':>8}{'steady':>8}"
+          f"{'wall vs local':>14}{'steady vs local':>16}  identical")  # fmt: skip
     res: dict = {"images": n, "runs": {}}
-
-    def marginal(k: str) -> float:
-        return (runs[k]["embedded"] - tinies[k]["embedded"]) / (runs[k]["wall"] - tinies[k]["wall"])
-
-    local_wall, local_marginal = n / runs["local"]["wall"], marginal("local")
+    local_wall, local_sync = n / runs["local"]["wall"], n / runs["local"]["seconds"]
     for k, r in runs.items():
         start_s = r.get("ray", {}).get("start_s", 0.0)
-        rate_w, rate_s, marg = r["embedded"] / r["wall"], r["embedded"] / r["seconds"], marginal(k)
+        rate_w, rate_s = r["embedded"] / r["wall"], r["embedded"] / r["seconds"]
+        steady = r["ray"].get("steady_img_s", float("nan")) if "ray" in r else rate_s
         same = "-" if k == "local" else "files {} min cos {:.6f} ids {}".format(*checks[k])
-        print(f"{k:<8}{r['wall']:>8.2f}{r['seconds']:>8.2f}{start_s:>8.2f}{rate_w:>11.1f}{rate_s:>8.1f}{marg:>9.1f}"
-              f"{rate_w / local_wall:>13.2f}x{marg / local_marginal:>17.2f}x  {same}")  # fmt: skip
+        print(f"{k:<8}{r['wall']:>8.2f}{r['seconds']:>8.2f}{start_s:>8.2f}{rate_w:>11.1f}{rate_s:>8.1f}{steady:>8.1f}"
+              f"{rate_w / local_wall:>13.2f}x{steady / local_sync:>15.2f}x  {same}")  # fmt: skip
         res["runs"][k] = {"wall_s": round(r["wall"], 2), "sync_s": round(r["seconds"], 2),
                           "img_s_wall": round(rate_w, 1), "img_s_sync": round(rate_s, 1),
-                          "img_s_marginal": round(marg, 1), "ratio_wall": round(rate_w / local_wall, 3),
-                          "ratio_marginal": round(marg / local_marginal, 3),
+                          "img_s_steady": round(steady, 1), "ratio_wall": round(rate_w / local_wall, 3),
+                          "ratio_steady": round(steady / local_sync, 3),
                           **({"ray": r["ray"]} if "ray" in r else {})}  # fmt: skip
         if k != "local":
             res["runs"][k]["min_cos"], res["runs"][k]["same_ids"] = round(checks[k][1], 6), checks[k][2]
 
     # ---- the scaling model ----------------------------------------------------------------------------------
     t0 = tinies["ray-1"]["wall"] - tinies["local"]["wall"]  # Ray's fixed cost: start the cluster and the actors
-    r_node = local_marginal  # one node's embedding throughput (this machine, local pipeline, fixed costs removed)
+    r_node = local_sync  # one node's embedding throughput (this machine, the local pipeline)
     print(f"\nmeasured parts: Ray start + actors {t0:.1f} s; node throughput {r_node:.1f} img/s; driver: plan "
           f"{c_plan * 1e6:.1f} us/file, commit {c_commit * 1e6:.1f} us/vector (dim {dim}, {args.commit_n} synthetic), "
           f"FAISS snapshot {c_save * 1e6:.2f} us/vector; commit of {args.commit_n // 4} vectors "
           f"{c_commit_q * 1e6:.1f} us/vector")  # fmt: skip
-    if min(runs[k]["wall"] - tinies[k]["wall"] for k in runs) < 10:
-        print("warning: the runs are too short for marginal rates (noise of Ray's start); use more images")
-    e = min(1.0, max(0.01, res["runs"]["ray-1"]["ratio_marginal"]))  # what Ray keeps of a node's throughput
+    ratio = res["runs"]["ray-1"]["ratio_steady"]
+    if not ratio > 0:
+        print("warning: too few shards for a steady rate; use more images")
+    e = min(1.0, ratio) if ratio > 0 else 1.0  # what Ray keeps of a node's throughput once started
     print(f"model (fresh build): T(N nodes, n images) = t0 + n*plan + max(n / (N*e*r_node), n*commit) + n*snapshot, "
-          f"e = {e:.2f} (ray-1 marginal / local marginal)")  # fmt: skip
+          f"e = {e:.2f} (ray-1 steady / local)")  # fmt: skip
     print("       workers embed in parallel (per node); the driver alone plans, commits each shard as it arrives "
           "(overlapping the embedding) and writes one snapshot at the end (serial)")  # fmt: skip
     for k in ("ray-1", "ray-2"):

@@ -23,7 +23,14 @@ from PIL import Image
 import simsearch
 from simsearch.errors import BadInputError
 from simsearch.images import scan_images
-from simsearch.index.distributed import INSTALL_HINT, RayEmbedder, WorkerPathError, make_shards, plan_workers
+from simsearch.index.distributed import (
+    INSTALL_HINT,
+    RayEmbedder,
+    WorkerPathError,
+    _timings,
+    make_shards,
+    plan_workers,
+)
 from simsearch.index.store import IndexStore
 
 ROOT = Path(simsearch.__file__).resolve().parents[1]
@@ -107,7 +114,8 @@ def test_cli_on_ray_equals_local_and_reports_ray(ray_address: str, folder: Path,
     out = run_json("index", folder, "--index", index, *MODEL, "--ray", "local", "--workers", "2",
                    "--commit-every", "8")  # fmt: skip
     shards = len(make_shards(list(range(N_IMAGES + 1)), 8, 2))
-    assert out["ray"].pop("start_s") > 0 and out["ray"].pop("address") not in ("local", ray_address)
+    assert out["ray"].pop("start_s") > 0 and out["ray"].pop("steady_img_s") > 0
+    assert out["ray"].pop("address") not in ("local", ray_address)
     assert out["ray"] == {"workers": 2, "shards": shards}
     assert_same_vectors(vectors_by_path(index), want)
     # the broken file is skipped with the same reason as locally, and the run still succeeds
@@ -201,3 +209,4 @@ def test_worker_plan_and_shards() -> None:
     shards = make_shards(paths, 256, 2)
     assert [p for s in shards for p in s] == paths and max(map(len, shards)) == 125  # >= 4 shards per worker
     assert max(map(len, make_shards(paths, 64, 1))) == 64 and make_shards([], 8, 1) == []
+    assert _timings(100.0, 104.5, 110.5, 30) == {"start_s": 4.5, "steady_img_s": 5.0}

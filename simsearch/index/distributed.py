@@ -32,6 +32,7 @@ from .store import IndexStore
 from .sync import ProgressFn, SyncInterrupted, SyncReport, sync_folder
 
 INSTALL_HINT = 'pip install "simsearch[ray]"'
+CALLS_PER_ACTOR = 2  # shards an actor embeds at once: one decodes while the other's batches are on the model
 SHARDS_PER_WORKER = 4  # at least this many shards per actor when the folder is small, so no actor idles at the end
 _PATH_ERROR = "simsearch-worker-path-error: "  # marks our message inside Ray's wrapped exception text
 
@@ -170,10 +171,13 @@ class EmbedShards:
         self.dim = int(payload["dim"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        began = time.time()  # wall clock, comparable across processes (and, with NTP, nodes)
         paths = [str(p) for shard in batch["paths"] for p in shard]
         check_readable(paths)
         records = [r for part in self.embedder.embed_files(paths) for r in part]
-        return records_to_columns(records, self.dim)
+        out = records_to_columns(records, self.dim)
+        out["began"], out["ended"] = np.full(len(records), began), np.full(len(records), time.time())
+        return out
 
 
 def check_readable(paths: list[str]) -> None:
@@ -244,7 +248,7 @@ class RayEmbedder:
         self.address = address
         self.requested_workers = workers
         self.shard_size = max(1, int(shard_size))
-        # address, workers, shards; and start_s, seconds until the first shard came back (Ray start, actors, one shard)
+        # address, workers, shards; after a run also start_s and steady_img_s (see _timings)
         self.info: dict[str, Any] = {"address": address, "workers": 0, "shards": 0}
         self._started = False
         self._batches: Any = None
@@ -256,7 +260,7 @@ class RayEmbedder:
         paths = list(paths)
         if not paths:
             return
-        t0 = time.perf_counter()
+        t0 = time.time()
         emb = self._embedder if isinstance(self._embedder, Embedder) else self._embedder()
         ray = require_ray()
         address, started = connect(self.address)
@@ -277,15 +281,22 @@ class RayEmbedder:
             fn_constructor_kwargs={"payload": payload},
         )
         self._batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        span = [float("inf"), 0.0, 0]  # first shard began, last shard ended (on the workers), files
         try:
             for batch in self._batches:
-                if "start_s" not in self.info:  # Ray and actors started, first shard embedded: the fixed cost
-                    self.info["start_s"] = round(time.perf_counter() - t0, 3)
                 records = columns_to_records(batch)
+                if records:
+                    span = [
+                        min(span[0], batch["began"].min()),
+                        max(span[1], batch["ended"].max()),
+                        span[2] + len(records),
+                    ]
                 if known_hash is not None:
                     for r in records:
                         r.known = r.error is None and known_hash(r.sha256)
                 yield records
+            if span[2]:
+                self.info.update(_timings(t0, *span))
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -305,11 +316,18 @@ class RayEmbedder:
             self._started = False
 
 
+def _timings(t0: float, began: float, ended: float, files: int) -> dict[str, float]:
+    """start_s: seconds from the embedding stage's start until a worker began its first shard (Ray and the actors
+    starting); steady_img_s: files over the time the workers took, first shard begun to last ended - the rate a long
+    run approaches. Times are wall clocks (`time.time()`) of the driver and the workers."""
+    return {"start_s": round(float(began - t0), 3), "steady_img_s": round(float(files / max(ended - began, 1e-9)), 1)}
+
+
 def _actor_pool(ray: Any, workers: int) -> Any:
-    """A fixed pool of `workers` actors, each running two shards at once (one decodes while the other's batches
-    are on the model), so an actor does not idle between shards; older Ray Data runs one shard at a time."""
+    """A fixed pool of `workers` actors, each embedding CALLS_PER_ACTOR shards at once, so that it does not idle
+    between shards; older Ray Data runs one shard at a time."""
     try:
-        return ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=2,
+        return ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
                                           enable_true_multi_threading=True)  # fmt: skip
     except TypeError:
         return ray.data.ActorPoolStrategy(size=workers)

@@ -59,7 +59,7 @@ class SyncReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
-    ray: dict[str, Any] | None = None  # set by a `--ray` run: address, workers, shards, start_s
+    ray: dict[str, Any] | None = None  # set by a `--ray` run: address, workers, shards, start_s, steady_img_s
 
     @property
     def indexed(self) -> int:
