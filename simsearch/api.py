@@ -158,11 +158,28 @@ class SimIndex:
         self.close()
 
     # ---- writing ----------------------------------------------------------------------------------------------
-    def add_folder(self, folder: str | Path, progress: ProgressFn | None = None, commit_every: int = 256) -> SyncReport:
-        """Sync a folder into the index (add new, re-embed changed, drop deleted files); holds the write lock."""
+    def add_folder(
+        self,
+        folder: str | Path,
+        progress: ProgressFn | None = None,
+        commit_every: int = 256,
+        ray: str | None = None,
+        workers: int | None = None,
+    ) -> SyncReport:
+        """Sync a folder into the index (add new, re-embed changed, drop deleted files); holds the write lock.
+
+        `ray` ("local", "auto" or a cluster address) embeds on Ray Data actors, `workers` of them (default one per
+        node); planning, commits and resume are the same as a local run.
+        """
+        if workers is not None and ray is None:
+            raise BadInputError("workers= goes with ray=")
         self.store.acquire_lock()
         try:
             emb = self._embedder or (lambda: self.embedder)
+            if ray is not None:
+                from .index.distributed import sync_with_ray
+
+                return sync_with_ray(self.store, emb, folder, ray, workers, progress, commit_every)
             return sync_folder(self.store, emb, folder, progress=progress, commit_every=commit_every)
         finally:
             self.store.release_lock()

@@ -126,6 +126,10 @@ def index_cmd(
     memory_budget: Annotated[
         str | None, typer.Option("--memory-budget", help="Memory for the search structure, e.g. 2GB (auto type).")
     ] = None,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Embed on Ray: local, auto or a cluster ADDRESS (simsearch[ray]).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray workers (default one per node).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Build or update (sync) an index of FOLDER. Run it again to add new, changed and removed files."""
@@ -135,6 +139,12 @@ def index_cmd(
 
     if not folder.expanduser().exists():
         raise BadInputError(f"folder not found: {folder}")
+    if ray is not None:  # before any model is built: say at once when Ray is missing
+        from .index.distributed import require_ray
+
+        require_ray()
+    elif workers is not None:
+        raise BadInputError("--workers goes with --ray")
     path = (index or default_index_path(folder)).expanduser()
     opts = {"backbone": backbone, "weights": weights, "pooling": pooling, "fit": fit, "precision": precision,
             "input_size": input_size}  # fmt: skip
@@ -166,7 +176,7 @@ def index_cmd(
 
     with idx, display() as shown:
         try:
-            report = idx.add_folder(folder, progress=shown.images, commit_every=commit_every)
+            report = idx.add_folder(folder, progress=shown.images, commit_every=commit_every, ray=ray, workers=workers)
         except SyncInterrupted as e:
             r = e.report
             print(
@@ -187,6 +197,9 @@ def index_cmd(
         f"{report.unchanged} unchanged, {report.moved} moved, {len(report.skipped)} skipped "
         f"({report.embedded} embedded, {rate:.1f} img/s)."
     )
+    if report.ray and report.ray["shards"]:
+        typer.echo(f"Embedded on Ray at {report.ray['address']}: {report.ray['workers']} workers, "
+                   f"{report.ray['shards']} shards.")  # fmt: skip
     for s in report.skipped[:20]:
         typer.echo(f"  skipped {s['path']}: {s['error']}", err=True)
     if len(report.skipped) > 20:

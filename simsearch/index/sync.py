@@ -59,6 +59,7 @@ class SyncReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
+    ray: dict[str, Any] | None = None  # set by a `--ray` run: address, workers, shards, start_s, steady_img_s
 
     @property
     def indexed(self) -> int:
@@ -79,6 +80,7 @@ class SyncReport:
             "moved": self.moved,
             "embedded": self.embedded,
             "interrupted": self.interrupted,
+            **({"ray": self.ray} if self.ray is not None else {}),
         }
 
 
