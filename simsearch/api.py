@@ -138,6 +138,11 @@ class SimIndex:
             from .models.embedder import Embedder
 
             sig = self.store.signature
+            if sig.get("weights") == "external":
+                raise BadInputError(
+                    f"index {self.store.path} holds vectors imported from elsewhere ({sig.get('backbone')}): it cannot "
+                    "embed images; search it by id or with vectors (SimIndex.search_vectors)"
+                )
             weights = None if sig["weights"] == "none" else sig["weights"]
             self._embedder = Embedder(
                 sig["backbone"], weights=weights, pooling=sig["pooling"], fit=sig["fit"],

@@ -170,6 +170,10 @@ def test_cli_import_and_query_options(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "(n, 64)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = CliRunner().invoke(app, ["verify", "--index", str(index), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
+    img = tmp_path / "q.png"
+    __import__("PIL.Image").Image.new("RGB", (32, 32)).save(img)
+    r = CliRunner().invoke(app, ["query", str(img), "--index", str(index)])
+    assert r.exit_code == 1 and "imported from elsewhere" in r.stderr  # no model to embed an image with
 
 
 def test_format_1_indexes_are_upgraded_in_place(tmp_path: Path) -> None:

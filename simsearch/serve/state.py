@@ -120,7 +120,12 @@ class ServeState:
         self.thumbnails = ThumbnailCache()
 
     def warm_up(self) -> None:
-        """Build the model and run it once, so the first query is as fast as the others."""
+        """Build the model and run it once, so the first query is as fast as the others.
+
+        An index of imported vectors has no model: it is served by id only (uploads get the one-line reason).
+        """
+        if self._idx.store.signature.get("weights") == "external":
+            return
         emb = self._idx.embedder
         s = emb.backbone.input_size
         emb.embed_pixels(np.zeros((1, s, s, 3), np.uint8))
