@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from child_rss import CLI, PEAK, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOTHING = ROOT.parent / "shared" / "data" / "clothing" / "images"
@@ -67,24 +66,13 @@ def synth(base: np.ndarray, n: int, seed: int, out: Path | None = None) -> np.nd
     return arr
 
 
-# Each child reports its own peak RSS (VmHWM of its own address space): wait4's and getrusage's figures keep the
-# parent's pages at fork time, which here hold gigabytes of vectors.
-PEAK = (
-    "import atexit, sys\n"
-    "def _peak():\n"
-    "    for line in open('/proc/self/status'):\n"
-    "        if line.startswith('VmHWM:'):\n"
-    "            sys.stderr.write(f'\\nPEAK_RSS_KB {line.split()[1]}\\n')\n"
-    "atexit.register(_peak)\n"
-)
-CLI = PEAK + "import sys\nfrom simsearch.cli import main\nsys.argv = ['simsearch', *sys.argv[1:]]\nmain()\n"
-
-BUILD = PEAK + """
+BUILD = (
+    PEAK
+    + """
 import json, sys, time, numpy as np
 sys.path.insert(0, sys.argv[5])
 from simsearch.api import SimIndex
 from simsearch.index.store import IndexStore
-from simsearch.models.backbones import resolve_backbone
 from simsearch import Embedder
 path, kind, vec_file, plant = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 emb = Embedder()
@@ -97,8 +85,11 @@ idx = SimIndex(IndexStore.create(path, sig, index_type=kind))
 idx.add_vectors(paths, vecs)
 print(json.dumps({"seconds": time.perf_counter() - t, "search": idx.store.manifest["search"]}))
 """
+)
 
-OLD_BUILD = PEAK + """
+OLD_BUILD = (
+    PEAK
+    + """
 import json, sys, time, numpy as np
 sys.path.insert(0, sys.argv[5])
 from simsearch.index.store import IndexStore
@@ -116,6 +107,7 @@ for a in range(0, len(vecs), 50000):
 store.save()
 print(json.dumps({"seconds": time.perf_counter() - t, "search": {"kind": "format 1 (IDMap2,Flat)"}}))
 """
+)
 
 LATENCY = """
 import json, sys, time, numpy as np
@@ -131,17 +123,6 @@ for v in q:
     lat.append((time.perf_counter() - t) * 1000)
 print(json.dumps({"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "found": found}))
 """
-
-
-def run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
-    """stdout, wall seconds and peak RSS (MiB, as the child measured itself) of one child process."""
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t
-    if p.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd[:3])} ...\n{p.stderr[-3000:]}")
-    peak = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
-    return p.stdout, wall, int(peak[-1]) / 1024 if peak else float("nan")
 
 
 def main() -> None:

@@ -17,25 +17,13 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from child_rss import CLI, run
+
 NOT_CLASSES = {"Not sure", "Skip", "Other"}
-# The child reports its own peak RSS (VmHWM): wait4's figure keeps the parent's pages at fork time.
-CLI = (
-    "import atexit, sys\n"
-    "def _peak():\n"
-    "    for line in open('/proc/self/status'):\n"
-    "        if line.startswith('VmHWM:'):\n"
-    "            sys.stderr.write(f'\\nPEAK_RSS_KB {line.split()[1]}\\n')\n"
-    "atexit.register(_peak)\n"
-    "from simsearch.cli import main\n"
-    "sys.argv = ['simsearch', *sys.argv[1:]]\n"
-    "main()\n"
-)
 
 
 def clothing_csv(root: Path, out: Path, limit: int | None, seed: int) -> Path:
@@ -70,14 +58,11 @@ class _Child:
 
     def run(self, cmd: list[str]) -> tuple[dict, float, float]:
         env = self.env()
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        shutil.rmtree(env["SIMSEARCH_CACHE"], ignore_errors=True)
-        if p.returncode != 0:
-            raise SystemExit(f"child failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
-        peak = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
-        return json.loads(p.stdout.strip().splitlines()[-1]), wall, int(peak[-1]) / 1024 if peak else float("nan")
+        try:
+            out, wall, rss = run(cmd, env)
+        finally:
+            shutil.rmtree(env["SIMSEARCH_CACHE"], ignore_errors=True)
+        return json.loads(out.strip().splitlines()[-1]), wall, rss
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from simsearch.index.distributed import (
     plan_workers,
 )
 from simsearch.index.store import IndexStore
+
+from .test_resume import committed
 
 ROOT = Path(simsearch.__file__).resolve().parents[1]
 MODEL = ["--weights", "none", "--input-size", "64"]
@@ -94,17 +95,6 @@ def assert_same_vectors(got: dict[str, np.ndarray], want: dict[str, np.ndarray])
     assert sorted(got) == sorted(want)
     cos = {p: float(np.dot(got[p], want[p])) for p in want}
     assert min(cos.values()) >= 0.9999, min(cos.items(), key=lambda kv: kv[1])
-
-
-def committed(index: Path) -> int:
-    db = index / "meta.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as c:
-            return c.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def test_cli_on_ray_equals_local_and_reports_ray(ray_address: str, folder: Path, local: tuple, tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ state. Readers memory-map IVF structures.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexCorruptError, IndexLockedError, IndexMismatchError, IndexNotFoundError
+from ..models.backbones import file_digest
 
 FORMAT = "simsearch-index"
 FORMAT_VERSION = 2
@@ -455,7 +455,7 @@ class IndexStore:
         ids = [int(i) for i in ids]
         if not ids:
             return np.zeros((0, self.dim), np.float32)
-        known = {r[0] for r in self._in_query("SELECT id FROM images WHERE id IN ({})", ids)}
+        known = self._live(ids)
         missing = [i for i in ids if i not in known]
         if missing:
             raise KeyError(missing[0])
@@ -675,7 +675,7 @@ class IndexStore:
             _faiss().write_index(index, str(tmp))
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            search["sha256"] = _file_sha256(tmp)
+            search["sha256"] = file_digest(tmp)
             search["bytes"] = tmp.stat().st_size
             search["file"] = name
             os.replace(tmp, self.path / name)
@@ -814,14 +814,6 @@ class Txn:
         paths = list(paths)
         self.changed = self.changed or bool(paths)
         self.conn.executemany("DELETE FROM failures WHERE path=?", [(p,) for p in paths])
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _connect(path: Path) -> sqlite3.Connection:

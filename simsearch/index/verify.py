@@ -19,7 +19,8 @@ from ..errors import SimsearchError
 
 def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
     """{"path", "ok", "checks": [{"name", "ok", "detail"}], "repaired"} for the index at `path`."""
-    from .store import DATABASE, MANIFEST, VECTORS_FILE, IndexStore, _connect, _file_sha256
+    from ..models.backbones import file_digest
+    from .store import DATABASE, MANIFEST, VECTORS_FILE, IndexStore, _connect
 
     path = Path(path).expanduser().absolute()
     checks: list[dict[str, Any]] = []
@@ -54,7 +55,7 @@ def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
     search_ok = True
     if search.get("kind", "flat") != "flat":
         f = path / str(search.get("file"))
-        digest = _file_sha256(f) if f.is_file() else None
+        digest = file_digest(f) if f.is_file() else None
         state = "checksum matches" if digest == search.get("sha256") else "missing or damaged"
         search_ok = check("search structure", digest == search.get("sha256"),
                           f"{f.name} ({search.get('factory')}): {state}")  # fmt: skip

@@ -8,13 +8,13 @@ cached TFLite conversion of a trained model starts as fast as a built-in backbon
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError
+from .backbones import file_digest
 
 MODEL_FORMAT = "simsearch-model"
 MODEL_FORMAT_VERSION = 1
@@ -26,14 +26,6 @@ def is_model_dir(path: str | Path) -> bool:
     """True when `path` is a directory holding a simsearch model manifest."""
     p = Path(path).expanduser()
     return p.is_dir() and (p / MANIFEST_FILE).is_file()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -59,7 +51,7 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     model = d / m.get("model_file", MODEL_FILE)
     if not model.is_file():
         raise BadInputError(f"model directory {d} is damaged: {model.name} is missing")
-    if verify and _sha256(model) != m["model_sha256"]:
+    if verify and file_digest(model) != m["model_sha256"]:
         raise BadInputError(f"model directory {d} is damaged: {model.name} does not match its manifest checksum")
     m["path"] = str(d)
     m["model_path"] = str(model)
@@ -72,7 +64,7 @@ def write_model_dir(out: Path, model: Any, manifest: dict[str, Any]) -> dict[str
     mfile = out / MODEL_FILE
     model.save(mfile)
     full = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, **manifest, "model_file": MODEL_FILE,
-            "model_sha256": _sha256(mfile)}  # fmt: skip
+            "model_sha256": file_digest(mfile)}  # fmt: skip
     tmp = out / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, sort_keys=True))
     os.replace(tmp, out / MANIFEST_FILE)
