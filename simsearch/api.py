@@ -29,9 +29,13 @@ class Match:
     path: str
     score: float
     id: int
+    inliers: int | None = None  # RANSAC inliers against the query, when re-ranked
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "score": round(self.score, 6)}
+        out: dict[str, Any] = {"path": self.path, "score": round(self.score, 6)}
+        if self.inliers is not None:
+            out["inliers"] = self.inliers
+        return out
 
 
 def default_index_path(folder: str | Path) -> Path:
@@ -47,6 +51,7 @@ class SimIndex:
         self.store = store
         self._embedder: Any = None
         self._options = embedder_options or {}
+        self._features: Any = None  # spatial.rerank.FeatureSource, made on the first re-ranked search
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -154,6 +159,9 @@ class SimIndex:
         return self._embedder
 
     def close(self) -> None:
+        if self._features is not None:
+            self._features.close()
+            self._features = None
         self.store.close()
 
     def __enter__(self) -> SimIndex:
@@ -170,24 +178,56 @@ class SimIndex:
         commit_every: int = 256,
         ray: str | None = None,
         workers: int | None = None,
+        local_features: bool | None = None,
+        features_progress: ProgressFn | None = None,
     ) -> SyncReport:
         """Sync a folder into the index (add new, re-embed changed, drop deleted files); holds the write lock.
 
         `ray` ("local", "auto" or a cluster address) embeds on Ray Data actors, `workers` of them (default one per
-        node); planning, commits and resume are the same as a local run.
+        node); planning, commits and resume are the same as a local run. `local_features=True` also stores local
+        features for spatial re-ranking, and from then on every sync keeps them up to date.
         """
         if workers is not None and ray is None:
             raise BadInputError("workers= goes with ray=")
+        from .spatial.feature_store import FeatureStore
+
+        keep_features = local_features or (local_features is None and FeatureStore.exists(self.store.path))
+        if keep_features:
+            from .spatial.local_features import require_cv2
+
+            require_cv2()
         self.store.acquire_lock()
         try:
             emb = self._embedder or (lambda: self.embedder)
             if ray is not None:
                 from .index.distributed import sync_with_ray
 
-                return sync_with_ray(self.store, emb, folder, ray, workers, progress, commit_every)
-            return sync_folder(self.store, emb, folder, progress=progress, commit_every=commit_every)
+                report = sync_with_ray(self.store, emb, folder, ray, workers, progress, commit_every)
+            else:
+                report = sync_folder(self.store, emb, folder, progress=progress, commit_every=commit_every)
+            if keep_features:
+                self._sync_features(report, features_progress)
+            return report
         finally:
             self.store.release_lock()
+
+    def _sync_features(self, report: SyncReport, progress: ProgressFn | None) -> None:
+        import time
+
+        from .index.sync import SyncInterrupted
+        from .spatial.feature_store import FEATURES_DB, sync_features
+
+        t0 = time.perf_counter()
+        try:
+            counts = sync_features(self.store.path, self.store.all_rows(), progress)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            raise SyncInterrupted(report) from None
+        size = sum(f.stat().st_size for f in self.store.path.glob(FEATURES_DB + "*"))
+        counts["bytes_per_image"] = round(size / max(1, counts["stored"]))
+        counts["seconds"] = round(time.perf_counter() - t0, 3)
+        report.local_features = counts
+        report.seconds += counts["seconds"]
 
     def rebuild(self, backbone_options: dict[str, Any]) -> None:
         """Empty the index and adopt a (possibly new) model; the next `add_folder` re-embeds everything."""
@@ -235,14 +275,65 @@ class SimIndex:
         return self.embedder.embed_one(query)
 
     def search(
-        self, query: Any, k: int = 10, min_score: float | None = None, nprobe: int | None = None, exact: bool = False
+        self,
+        query: Any,
+        k: int = 10,
+        min_score: float | None = None,
+        nprobe: int | None = None,
+        exact: bool = False,
+        rerank: int = 0,
     ) -> list[Match]:
         """The k nearest indexed images to `query` (path, PIL image, array or id), best first.
 
         `nprobe` overrides the index's tuned search parameter (IVF lists, or HNSW efSearch); `exact` searches
-        every vector. Scores are always exact cosines from the stored vectors.
+        every vector. Scores are always exact cosines from the stored vectors. `rerank=N` verifies the top N
+        geometrically (local features + RANSAC, needs OpenCV): views of the same object or scene move first, and
+        each match carries its `inliers`.
         """
-        return self.search_vectors(self.vector_for(query)[None], k, min_score, self._self_id(query), nprobe, exact)[0]
+        if rerank < 0:
+            raise BadInputError("rerank must be 0 (off) or a number of candidates")
+        matches = self.search_vectors(
+            self.vector_for(query)[None], max(k, rerank), min_score, self._self_id(query), nprobe, exact
+        )[0]
+        return self.rerank(query, matches, k) if rerank else matches[:k]
+
+    def rerank(self, query: Any, matches: list[Match], k: int | None = None) -> list[Match]:
+        """`matches` re-ordered by geometric verification against `query` (a path, bytes, PIL image, array or
+        id), each with its `inliers`; the first `k` are returned."""
+        from .spatial.local_features import require_cv2
+        from .spatial.rerank import FeatureSource, rerank_order, verify_candidates
+
+        require_cv2()
+        if self._features is None:
+            self._features = FeatureSource(self.store.path)
+        rows = self.store.rows([m.id for m in matches])
+        live = [m for m in matches if m.id in rows]
+        cands = self._features.features([(rows[m.id].sha256, rows[m.id].path) for m in live])
+        qrow = self._query_row(query)
+        if qrow is not None:
+            qf = self._features.features([(qrow.sha256, qrow.path)])[0]
+        else:
+            qf = None
+        if qf is None:
+            source = str(Path(query).expanduser()) if isinstance(query, (str, Path)) else query
+            qf = self._features.extract(source)
+        found = verify_candidates(qf, cands)
+        order = rerank_order([m.score for m in live], [v.inliers for v in found])
+        out = [Match(live[i].path, live[i].score, live[i].id, found[i].inliers) for i in order]
+        return out if k is None else out[:k]
+
+    def _query_row(self, query: Any) -> Any:
+        """The index row a query names: an id, or the path of an indexed file that has not changed since."""
+        if isinstance(query, (int, np.integer)):
+            return self.store.rows([int(query)]).get(int(query))
+        if isinstance(query, (str, Path)):
+            p = Path(query).expanduser()
+            row = self.store.row_by_path(os.path.abspath(p))
+            if row is not None and p.exists():
+                st = p.stat()
+                if st.st_size == row.size and st.st_mtime_ns == row.mtime_ns:
+                    return row
+        return None
 
     def search_vectors(
         self,

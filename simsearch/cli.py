@@ -130,6 +130,10 @@ def index_cmd(
         str | None, typer.Option("--ray", help="Embed on Ray: local, auto or a cluster ADDRESS (simsearch[ray]).")
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray workers (default one per node).")] = None,
+    local_features: Annotated[
+        bool,
+        typer.Option("--local-features", help="Also store local features (faster `query --rerank`); kept in sync."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Build or update (sync) an index of FOLDER. Run it again to add new, changed and removed files."""
@@ -176,7 +180,15 @@ def index_cmd(
 
     with idx, display() as shown:
         try:
-            report = idx.add_folder(folder, progress=shown.images, commit_every=commit_every, ray=ray, workers=workers)
+            report = idx.add_folder(
+                folder,
+                progress=shown.images,
+                commit_every=commit_every,
+                ray=ray,
+                workers=workers,
+                local_features=local_features or None,
+                features_progress=lambda d, t: shown.update("local features", d, t, unit="img"),
+            )
         except SyncInterrupted as e:
             r = e.report
             print(
@@ -197,6 +209,10 @@ def index_cmd(
         f"{report.unchanged} unchanged, {report.moved} moved, {len(report.skipped)} skipped "
         f"({report.embedded} embedded, {rate:.1f} img/s)."
     )
+    if report.local_features:
+        lf = report.local_features
+        typer.echo(f"Local features: {lf['extracted']} extracted, {lf['pruned']} dropped, {lf['stored']} stored "
+                   f"({lf['bytes_per_image']} bytes per image).")  # fmt: skip
     if report.ray and report.ray["shards"]:
         typer.echo(f"Embedded on Ray at {report.ray['address']}: {report.ray['workers']} workers, "
                    f"{report.ray['shards']} shards.")  # fmt: skip
@@ -219,6 +235,10 @@ def query_cmd(
         int | None, typer.Option("--nprobe", min=1, help="Lists (IVF) or efSearch (HNSW) to search; default: tuned.")
     ] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Search every stored vector exactly.")] = False,
+    rerank: Annotated[
+        int,
+        typer.Option("--rerank", min=0, help="Verify the top N geometrically (same object/scene first); 0 = off."),
+    ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Find the indexed images most similar to each IMAGE (cosine similarity, 1.0 = identical)."""
@@ -227,7 +247,7 @@ def query_cmd(
     with SimIndex.open(_resolve_index(index), engine=engine) as idx:
         results = []
         for img in images:
-            matches = idx.search(img, k=k, min_score=min_score, nprobe=nprobe, exact=exact)
+            matches = idx.search(img, k=k, min_score=min_score, nprobe=nprobe, exact=exact, rerank=rerank)
             results.append({"query": os.path.abspath(img.expanduser()), "matches": [m.to_json() for m in matches]})
     if as_json:
         _emit({"results": results})
@@ -237,7 +257,8 @@ def query_cmd(
         if not r["matches"]:
             typer.echo("  (no matches)")
         for rank, m in enumerate(r["matches"], 1):
-            typer.echo(f"  {rank:>3}  {m['score']:.4f}  {m['path']}")
+            inl = f"  {m['inliers']:>4} inliers" if "inliers" in m else ""
+            typer.echo(f"  {rank:>3}  {m['score']:.4f}{inl}  {m['path']}")
 
 
 @app.command("info")
@@ -306,6 +327,14 @@ def dedup_cmd(
     rotations: Annotated[
         bool, typer.Option("--rotations", help="Also match copies rotated 90/180/270 or mirrored.")
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Confirm every near-duplicate pair geometrically (local features): crops and "
+            "edits kept, look-alikes dropped; candidates from a lower threshold.",
+        ),
+    ] = False,
     action: Annotated[
         str, typer.Option("--action", help="report, move (to --to DIR) or delete (into a trash folder).")
     ] = "report",
@@ -326,10 +355,10 @@ def dedup_cmd(
     """Find groups of exact copies and near duplicates; report them, or move/delete the extra copies (undoable)."""
     from .api import SimIndex
     from .dedup.actions import apply_plan, plan_action
-    from .dedup.finder import DEFAULT_THRESHOLD, explain_pair, find_duplicates
+    from .dedup.finder import DEFAULT_THRESHOLD, VERIFY_THRESHOLD, explain_pair, find_duplicates
 
     prefer = prefer or []
-    t = DEFAULT_THRESHOLD if threshold is None else threshold
+    t = (VERIFY_THRESHOLD if verify else DEFAULT_THRESHOLD) if threshold is None else threshold
     if permanent and action != "delete":
         raise BadInputError("--permanent only goes with --action delete")
     with SimIndex.open(_resolve_index(index)) as idx:
@@ -342,7 +371,9 @@ def dedup_cmd(
 
         with display() as shown:
             report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=prefs, near=not exact_only,
-                                     rotations=idx.embedder if rotations else None, progress=shown.stage)  # fmt: skip
+                                     rotations=idx.embedder if rotations else None, progress=shown.stage,
+                                     verify=verify, verify_progress=lambda d, n: shown.update(
+                                         "verifying pairs", d, n, unit="pairs"))  # fmt: skip
         plan = plan_action(report, action, to, idx.store, prefer=prefs, permanent=permanent)
         if html_out:
             from .dedup.report import write_html
@@ -365,6 +396,9 @@ def dedup_cmd(
         for f, sc in zip(g.files, g.scores, strict=True):
             typer.echo(f"  {'keep' if f == g.keep else '    '}  {sc:.4f}  {f}")
     n_exact = sum(g.kind == "exact" for g in report.groups)
+    if report.verified:
+        v = report.verified
+        typer.echo(f"verified {v['pairs']} pairs geometrically: {v['confirmed']} confirmed, {v['dropped']} dropped.")
     typer.echo(
         f"{len(report.groups)} groups ({n_exact} exact, {len(report.groups) - n_exact} near at threshold "
         f"{report.threshold}); {report.duplicates} files could be removed."

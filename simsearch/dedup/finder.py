@@ -18,6 +18,7 @@ from ..errors import BadInputError
 from ..index.store import IndexStore, Row
 
 DEFAULT_THRESHOLD = 0.90  # best F1 on clothing + generated edits (benchmarks/dedup_quality.py)
+VERIFY_THRESHOLD = 0.80  # candidate pairs for --verify: geometric confirmation keeps precision at lower cosines
 GROUP_MODES = ("connected", "star")
 KEEP_RULES = ("resolution", "size", "oldest", "newest", "shortest-path", "longest-path")
 DEFAULT_KEEP = ("resolution", "size", "oldest", "shortest-path")
@@ -53,6 +54,7 @@ class DedupReport:
     groups: list[DupGroup]
     group_mode: str = "connected"
     keep_rules: tuple[str, ...] = DEFAULT_KEEP
+    verified: dict[str, Any] | None = None  # geometric confirmation: pairs checked, confirmed, dropped
 
     @property
     def duplicates(self) -> int:
@@ -65,6 +67,7 @@ class DedupReport:
             "duplicates": self.duplicates,
             "group": self.group_mode,
             "keep": list(self.keep_rules),
+            **({"verified": self.verified} if self.verified is not None else {}),
         }
 
 
@@ -111,11 +114,16 @@ def find_duplicates(
     near: bool = True,
     rotations: Any = None,
     progress: Callable[[str], None] | None = None,
+    verify: bool = False,
+    accept_above: float | None = None,
+    verify_progress: Callable[[int, int], None] | None = None,
 ) -> DedupReport:
     """Group the index's files into exact and near-duplicate groups, kept file first in each.
 
     `rotations`: an Embedder; when given, copies rotated by 90/180/270 degrees or mirrored are matched too (each
     representative file is decoded once more and embedded four times). `progress` is told each stage's name.
+    `verify` confirms near-duplicate pairs geometrically (local features, RANSAC, then the warped images must
+    agree) and drops the rest; pairs scoring `accept_above` or more are kept without a check.
     """
     stage = progress or (lambda _text: None)
     from .graph import connected_groups, group_min_scores, similar_pairs, star_groups
@@ -139,6 +147,7 @@ def find_duplicates(
         for members in by_sha.values()
         if len(members) > 1
     ]
+    verified = None
     if near:
         reps = [members[0] for members in by_sha.values()]  # in keep order: position = priority
         n = len(reps)
@@ -152,6 +161,18 @@ def find_duplicates(
         if rotations is not None:
             stage("rotated and mirrored copies")
             i, j, s = _merge_pairs(i, j, s, *_rotation_pairs(rotations, [r.path for r in reps], vecs, threshold))
+        if verify and len(i):
+            from .verify import verify_pairs
+
+            check = np.ones(len(i), bool) if accept_above is None else s < accept_above
+            stage(f"verifying {int(check.sum())} pairs geometrically")
+            verdicts = verify_pairs(store.path, reps, i[check], j[check], progress=verify_progress)
+            keep_pair = ~check
+            keep_pair[np.flatnonzero(check)] = verdicts.keep
+            verified = {"pairs": int(check.sum()), "confirmed": int(verdicts.keep.sum()),
+                        "dropped": int((~verdicts.keep).sum()), "accepted_unchecked": int((~check).sum()),
+                        "accept_above": accept_above}  # fmt: skip
+            i, j, s = i[keep_pair], j[keep_pair], s[keep_pair]
         stage(f"grouping {len(i)} pairs")
         if group == "star":
             found = star_groups(n, i, j, s, np.arange(n))
@@ -167,7 +188,7 @@ def find_duplicates(
             groups.append(DupGroup("near", [m.path for m in members], float(low), ids,
                                    [float(min(1.0, x)) for x in v @ v[0]]))  # fmt: skip
     groups.sort(key=lambda g: (g.kind != "exact", g.files[0]))
-    return DedupReport(threshold, groups, group, rules)
+    return DedupReport(threshold, groups, group, rules, verified)
 
 
 def explain_pair(idx: Any, a: Any, b: Any, threshold: float) -> tuple[str, dict[str, Any]]:

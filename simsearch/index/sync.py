@@ -60,6 +60,7 @@ class SyncReport:
     seconds: float = 0.0
     interrupted: bool = False
     ray: dict[str, Any] | None = None  # set by a `--ray` run: address, workers, shards, start_s, steady_img_s
+    local_features: dict[str, Any] | None = None  # set when the index keeps local features (spatial re-ranking)
 
     @property
     def indexed(self) -> int:
@@ -81,6 +82,7 @@ class SyncReport:
             "embedded": self.embedded,
             "interrupted": self.interrupted,
             **({"ray": self.ray} if self.ray is not None else {}),
+            **({"local_features": self.local_features} if self.local_features is not None else {}),
         }
 
 

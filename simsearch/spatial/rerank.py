@@ -1,0 +1,92 @@
+"""Spatial re-ranking of search candidates, and the local-features source it reads from.
+
+Candidates' features come from the index's feature store when it has them and are otherwise extracted from the
+indexed file on demand (kept in a small in-process cache, so a server pays once per file). Verified candidates
+(at least `MIN_INLIERS` RANSAC inliers) move to the front, most inliers first; the rest keep their global order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .feature_store import FeatureStore
+from .local_features import LocalFeatures, extract
+from .matching import MIN_INLIERS, Verification, verify
+
+DEFAULT_RERANK = 50  # candidates verified by `query --rerank` when asked without a number (benchmarks/instance.py)
+
+
+class FeatureSource:
+    """Local features of indexed files by (sha256, path): stored ones first, else extracted and cached."""
+
+    def __init__(self, index_dir: Path, cache_size: int = 4096) -> None:
+        self.index_dir = Path(index_dir)
+        self._store: FeatureStore | None = None
+        self._cache: OrderedDict[str, LocalFeatures] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def _db(self) -> FeatureStore | None:
+        if self._store is None and FeatureStore.exists(self.index_dir):
+            self._store = FeatureStore.open(self.index_dir)
+        return self._store
+
+    def extract(self, source: Any) -> LocalFeatures:
+        db = self._db()
+        return db.extract(source) if db is not None else extract(source)
+
+    def features(self, items: Sequence[tuple[str, str]]) -> list[LocalFeatures | None]:
+        """Features for each (sha256, path); None where the file can no longer be read."""
+        out: dict[str, LocalFeatures | None] = {}
+        with self._lock:
+            for sha, _ in items:
+                if sha in self._cache:
+                    self._cache.move_to_end(sha)
+                    out[sha] = self._cache[sha]
+            db = self._db()
+            want = [sha for sha, _ in items if sha not in out]
+            if db is not None and want:
+                out.update(db.get(want))
+        for sha, path in items:
+            if sha not in out:
+                try:
+                    out[sha] = self.extract(path)
+                except Exception:  # moved or damaged since indexing: it just is not verified
+                    out[sha] = None
+        with self._lock:
+            for sha, f in out.items():
+                if f is not None:
+                    self._cache[sha] = f
+                    self._cache.move_to_end(sha)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return [out[sha] for sha, _ in items]
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def verify_candidates(
+    query: LocalFeatures, candidates: Sequence[LocalFeatures | None], threads: int = 2
+) -> list[Verification]:
+    """Verification per candidate (inliers 0 for unreadable ones), in the given order."""
+    present = [i for i, c in enumerate(candidates) if c is not None]
+    found = verify(query, [candidates[i] for i in present], threads=threads)
+    out = [Verification(0, 0)] * len(candidates)
+    for i, v in zip(present, found, strict=True):
+        out[i] = v
+    return out
+
+
+def rerank_order(scores: Sequence[float], inliers: Sequence[int]) -> list[int]:
+    """Positions in re-ranked order: verified first by inliers (ties: global score), then the rest as they were."""
+    verified = [i for i, n in enumerate(inliers) if n >= MIN_INLIERS]
+    rest = [i for i, n in enumerate(inliers) if n < MIN_INLIERS]
+    verified.sort(key=lambda i: (-inliers[i], -scores[i], i))
+    return verified + rest
