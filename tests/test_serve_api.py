@@ -127,10 +127,26 @@ def test_search_upload_of_an_indexed_file_scores_one(client: TestClient, lib: tu
     assert out["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_search_rerank_reports_inliers(client: TestClient, lib: tuple[Path, Path], photos: Path,
+                                      tmp_path: Path) -> None:  # fmt: skip
+    pytest.importorskip("cv2")
+    folder, index = lib
+    rid = row_id(index, folder / "astronaut.jpg")
+    out = client.get("/api/search", params={"id": rid, "k": 3, "rerank": 6}).json()
+    assert all(set(m) == MATCH_KEYS | {"inliers"} for m in out["matches"])
+    assert out["matches"][0]["id"] == rid and out["matches"][0]["inliers"] >= 100
+    q = edited(photos / "rocket.jpg", tmp_path / "q.jpg", scale=0.5, quality=40)
+    r = client.post("/api/search", params={"k": 2, "rerank": 6}, files={"image": ("q.jpg", q.read_bytes())})
+    assert r.status_code == 200, r.text
+    m = r.json()["matches"]
+    assert m[0]["path"].endswith("/rocket.jpg") and m[0]["inliers"] >= 30 and m[1]["inliers"] < m[0]["inliers"]
+
+
 @pytest.mark.parametrize(
     "params, text",
     [({"id": 1, "k": 0}, "k"), ({"id": 1, "k": "x"}, "k"), ({"id": 1, "min_score": 2}, "min_score"),
-     ({"id": "abc"}, "id"), ({"id": -3}, "id"), ({}, "id")],
+     ({"id": "abc"}, "id"), ({"id": -3}, "id"), ({}, "id"), ({"id": 1, "rerank": -1}, "rerank"),
+     ({"id": 1, "rerank": 1000}, "rerank")],
 )  # fmt: skip
 def test_search_bad_parameters_are_400(client: TestClient, params: dict, text: str) -> None:
     assert_error(client.get("/api/search", params=params), 400, text)

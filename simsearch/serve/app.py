@@ -130,6 +130,9 @@ class _Unauthorised(Exception):
 
 K = Annotated[int, Query(ge=1, le=1000, description="Number of matches.")]
 MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description="Only matches with cosine >= this.")]
+Rerank = Annotated[
+    int, Query(ge=0, le=200, description="Verify the top N geometrically (same object or scene first); 0 = off.")
+]
 
 
 def _add_routes(api: APIRouter, state: ServeState) -> None:
@@ -144,24 +147,26 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
                           "generation": state.generation}  # fmt: skip
         return data
 
-    @api.get("/search", response_model=SearchOut)
+    @api.get("/search", response_model=SearchOut, response_model_exclude_unset=True)
     def search_by_id(
         id: Annotated[int, Query(ge=0, description="Id of an indexed image (more like this).")],
         k: K = 10,
         min_score: MinScore = None,
+        rerank: Rerank = 0,
     ) -> dict[str, Any]:
         """The indexed images most like an indexed one (more like this), best first."""
-        return state.search_id(id, k, min_score)
+        return state.search_id(id, k, min_score, rerank)
 
-    @api.post("/search", response_model=SearchOut)
+    @api.post("/search", response_model=SearchOut, response_model_exclude_unset=True)
     async def search_upload(
         image: Annotated[UploadFile, File(description="The query image (any format simsearch reads).")],
         k: K = 10,
         min_score: MinScore = None,
+        rerank: Rerank = 0,
     ) -> dict[str, Any]:
         """The indexed images most like an uploaded one, best first."""
         data = await image.read(state.config.max_upload_bytes + 1)
-        return await run_in_threadpool(state.search_upload, data, image.filename, k, min_score)
+        return await run_in_threadpool(state.search_upload, data, image.filename, k, min_score, rerank)
 
     @api.get("/images/{image_id}")
     def image_file(image_id: int) -> FileResponse:

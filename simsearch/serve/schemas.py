@@ -19,6 +19,7 @@ class MatchOut(BaseModel):
     score: float = Field(description="Cosine similarity to the query, 1.0 = identical.")
     width: int | None
     height: int | None
+    inliers: int | None = Field(None, description="RANSAC inliers against the query (only with rerank).")
 
 
 class SearchOut(BaseModel):

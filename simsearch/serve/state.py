@@ -174,19 +174,21 @@ class ServeState:
         return self.thumbnails.get(path, size)
 
     # ---- search ------------------------------------------------------------------------------------------------
-    def search_id(self, image_id: int, k: int, min_score: float | None) -> dict[str, Any]:
+    def search_id(self, image_id: int, k: int, min_score: float | None, rerank: int = 0) -> dict[str, Any]:
         with self.lock:
             idx = self.index()
             q = idx.store.rows([image_id]).get(image_id)
             if q is None:
                 raise NotFoundError(f"no image with id {image_id} in the index")
             _faiss_threads(1)
-            matches = idx.search(image_id, k=k, min_score=min_score)
+            matches = idx.search(image_id, k=k, min_score=min_score, rerank=rerank)
             rows = idx.store.rows([m.id for m in matches])
         return {"query": q.path, "query_id": q.id, "width": q.width, "height": q.height,
                 "matches": _matches(matches, rows)}  # fmt: skip
 
-    def search_upload(self, data: bytes, name: str | None, k: int, min_score: float | None) -> dict[str, Any]:
+    def search_upload(
+        self, data: bytes, name: str | None, k: int, min_score: float | None, rerank: int = 0
+    ) -> dict[str, Any]:
         """Embed uploaded bytes (same decoding as indexing, lower pixel limit) and search; no lock while embedding."""
         if len(data) > self.config.max_upload_bytes:
             raise TooLargeError(f"upload over the limit of {self.config.max_upload_bytes} bytes")
@@ -197,7 +199,9 @@ class ServeState:
         with self.lock:
             idx = self.index()
             _faiss_threads(1)
-            matches = idx.search_vectors(vec, k=k, min_score=min_score)[0]
+            matches = idx.search_vectors(vec, k=max(k, rerank), min_score=min_score)[0]
+            if rerank:
+                matches = idx.rerank(data, matches, k)
             rows = idx.store.rows([m.id for m in matches])
         return {"query": name or "upload", "query_id": None, "width": w, "height": h,
                 "matches": _matches(matches, rows)}  # fmt: skip
@@ -294,7 +298,8 @@ def _matches(matches: list[Match], rows: dict[int, Row]) -> list[dict[str, Any]]
     for m in matches:
         r = rows.get(m.id)
         out.append({"id": m.id, "path": m.path, "score": round(m.score, 6),
-                    "width": r.width if r else None, "height": r.height if r else None})  # fmt: skip
+                    "width": r.width if r else None, "height": r.height if r else None,
+                    **({"inliers": m.inliers} if m.inliers is not None else {})})  # fmt: skip
     return out
 
 

@@ -75,6 +75,7 @@ function thumb(id, size) {
 function searchParams() {
   const p = new URLSearchParams({ k: $("#k").value || "20" });
   if ($("#min-score").value !== "") p.set("min_score", $("#min-score").value);
+  if ($("#rerank").checked) p.set("rerank", "50");
   return p;
 }
 
@@ -120,6 +121,7 @@ function showResults(res, preview) {
     el("div", { class: "meta" }, [
       el("div", { class: "name", text: baseName(m.path) }),
       el("span", { class: "score", text: m.score.toFixed(4) }),
+      ...(m.inliers == null ? [] : [el("span", { class: "inliers", text: `  ${m.inliers} inliers` })]),
       el("span", { class: "muted", text: "  " + dims(m.width, m.height) }),
     ]),
   ])));
