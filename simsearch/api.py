@@ -422,6 +422,10 @@ class SimIndex:
         n = max(1, m["counts"]["images"])
         total = sum(files.values())
         m["disk"] = {"total_bytes": total, "bytes_per_image": round(total / n), "files": files}
+        from .spatial.feature_store import FEATURES_DB
+
+        lf = sum(size for name, size in files.items() if name.startswith(FEATURES_DB))
+        m["local_features"] = {"bytes": lf, "bytes_per_image": round(lf / n)} if lf else None
         return m
 
 

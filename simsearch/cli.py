@@ -283,6 +283,8 @@ def info_cmd(
     )
     typer.echo(f"{'search:':<13}{search.get('kind')} {search.get('factory') or ''}{tuned}".rstrip())
     typer.echo(f"{'disk:':<13}{data['disk']['bytes_per_image']} bytes per image ({data['disk']['total_bytes']} in all)")
+    if data.get("local_features"):
+        typer.echo(f"{'local feat.:':<13}{data['local_features']['bytes_per_image']} bytes per image (query --rerank)")
     typer.echo(f"{'images:':<13}{data['counts']['images']}")
     typer.echo(f"{'failed:':<13}{data['counts']['failed']}")
 

@@ -140,3 +140,23 @@ def test_dedup_verify_keeps_a_crop_and_drops_another_photo_of_the_same_backgroun
     verified, out = groups("--threshold", "0.3", "--verify")
     assert verified == [{"first.jpg", "first-crop.jpg"}]
     assert out["verified"]["confirmed"] == 1 and out["verified"]["dropped"] >= 2
+
+
+def test_verify_finds_and_repairs_a_damaged_features_record(photos: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    idx = tmp_path / "idx"
+    r = CliRunner().invoke(app, ["index", str(photos), "--index", str(idx), "--local-features", "--json"])
+    assert r.exit_code == 0, r.output
+    with sqlite3.connect(idx / "local-features.sqlite") as conn:
+        conn.execute("UPDATE features SET data = substr(data, 1, 100) WHERE rowid = 1")
+    r = CliRunner().invoke(app, ["verify", "--index", str(idx), "--json"])
+    assert r.exit_code != 0
+    check = next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "local features")
+    assert not check["ok"] and "1 damaged" in check["detail"]
+    r = CliRunner().invoke(app, ["verify", "--index", str(idx), "--repair", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["repaired"], r.output
+    r = CliRunner().invoke(app, ["index", str(photos), "--index", str(idx), "--json"])
+    assert json.loads(r.stdout)["local_features"]["extracted"] == 1
+    info = json.loads(CliRunner().invoke(app, ["info", "--index", str(idx), "--json"]).stdout)
+    assert 10_000 < info["local_features"]["bytes_per_image"] < 100_000

@@ -62,7 +62,7 @@ def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
     else:
         check("search structure", True, "flat: exact search over the vectors, no structure to check")
     conn.close()
-    repaired = False
+    repaired = _check_local_features(path, check, repair)
     if repair and not search_ok and vectors_ok:
         m = dict(manifest, search={"kind": "flat", "factory": None})
         (path / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
@@ -78,5 +78,40 @@ def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
             checks.append({"name": "repair", "ok": False, "detail": str(e)})
         finally:
             store.close()
-    ok = all(c["ok"] for c in checks if not (repaired and c["name"] == "search structure"))
+    ok = all(c["ok"] for c in checks if not (repaired and c["name"] in ("search structure", "local features")))
     return {"path": str(path), "ok": ok, "checks": checks, "repaired": repaired}
+
+
+def _check_local_features(path: Path, check: Any, repair: bool) -> bool:
+    """Every stored local-features record decodes; `repair` drops damaged ones (the next index run redoes them)."""
+    import sqlite3
+
+    from ..spatial.feature_store import FEATURES_DB
+    from ..spatial.local_features import LocalFeatures
+
+    db = path / FEATURES_DB
+    if not db.is_file():
+        return False
+    try:
+        conn = sqlite3.connect(db)
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        bad, n = [], 0
+        for sha, data in conn.execute("SELECT sha256, data FROM features"):
+            n += 1
+            try:
+                LocalFeatures.from_bytes(data)
+            except (ValueError, TypeError):
+                bad.append(sha)
+    except sqlite3.DatabaseError as e:
+        check("local features", False, f"{FEATURES_DB}: {e} (delete it; `simsearch index` rebuilds it)")
+        return False
+    ok = check("local features", integrity == "ok" and not bad,
+               f"{FEATURES_DB}: {n} records, {len(bad)} damaged; database {integrity}")  # fmt: skip
+    if ok or not repair or integrity != "ok":
+        conn.close()
+        return False
+    with conn:
+        conn.executemany("DELETE FROM features WHERE sha256=?", ((s,) for s in bad))
+    conn.close()
+    check("repair", True, f"dropped {len(bad)} damaged local-features records; `simsearch index` redoes them")
+    return True
