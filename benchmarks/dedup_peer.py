@@ -1,0 +1,399 @@
+"""Dedup quality and speed side by side with fastdup, on the clothing photos plus generated edits.
+
+    python benchmarks/dedup_peer.py ../shared/data/clothing [--edits 500] [--seed 0]
+        [--fastdup-python /work/venvs/fastdup/bin/python] [--simsearch-args "--threshold 0.85"]
+        [--index-args "--fit crop"] [--skip-fastdup] [--reuse-index] [--work /tmp/peer-data]
+
+The folder (cached under --work, built once per --edits/--seed) holds images/ (the 5,756 photos) and edits/ (for N
+sampled photos: JPEG q30, half size, 90% centre crop, +30% brightness, a text overlay; `make_edits` of
+dedup_quality.py). Ground truth: files of the same origin (a photo, its edits, and the byte-identical pair of
+duplicates.csv) are duplicates of each other; every other pair is not.
+
+Each tool runs in a fresh child process (wall time, peak RSS of the child):
+- fastdup at its default, the way its "finding and removing duplicates" example uses it: `fastdup.create(work_dir,
+  input_dir).run()` then `fd.connected_components()` (components of the similarity graph at ccthreshold 0.96);
+  each component is a duplicate group. Its `fd.similarity()` pairs (nearest_neighbors_k=2, threshold 0.9) are
+  scored too, as pairs, for reference.
+- simsearch: `simsearch index FOLDER --index DIR [--index-args]`, then `simsearch dedup DIR --json
+  [--simsearch-args]`; exact and near groups that share a file are merged (a kept file's byte copies belong with its
+  near duplicates).
+A group of k files counts as its k(k-1)/2 pairs. The table gives pair recall, precision, recall per edit kind
+(original <-> edit pairs; "edit-edit" are pairs of two edits of one photo), time and memory; JSON follows.
+
+Then, from the simsearch index's stored vectors: precision/recall over cosine thresholds (raw pairs, and the
+connected groups dedup would form), the threshold each recall target needs, and how many candidate pairs fall
+between that threshold and today's default (the band a geometric verifier would have to check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from child_rss import CLI, PEAK, run
+from dedup_quality import EDITS, make_edits
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = (*EDITS, "edit-edit", "exact", "rotated")
+GRID = tuple(round(0.70 + 0.02 * k, 2) for k in range(14))  # 0.70 .. 0.96
+TARGETS = (0.99, 0.995)
+LOW = 0.50  # candidate pairs below this cosine are never needed for the curve
+
+FASTDUP_CHILD = PEAK + (
+    """
+import json, os, sys
+os.environ.setdefault("SENTRY_OPT_OUT", "1")
+import fastdup
+folder, work, out = sys.argv[1:4]
+fd = fastdup.create(work_dir=work, input_dir=folder)
+fd.run()
+cc, _ = fd.connected_components()
+groups = {}
+if len(cc):
+    for comp, name in zip(cc["component_id"], cc["filename"]):
+        groups.setdefault(int(comp), []).append(os.path.abspath(name))
+sim = fd.similarity()
+pairs = []
+if sim is not None and len(sim):
+    pairs = [[os.path.abspath(a), os.path.abspath(b), float(d)]
+             for a, b, d in zip(sim["filename_from"], sim["filename_to"], sim["distance"])]
+json.dump({"version": fastdup.__version__, "components": list(groups.values()), "pairs": pairs,
+           "ccthreshold": fd.config["fastdup_kwargs"]["turi_param"]["ccthreshold"],
+           "threshold": fd.config["threshold"], "k": fd.config["nearest_neighbors_k"]}, open(out, "w"))
+"""
+)
+
+
+# ---------------------------------------------------------------- the folder and its ground truth
+
+
+def build_folder(clothing: Path, n_edits: int, seed: int, work: Path, rotated: bool, limit: int | None):
+    """The cached folder of originals + edits (+ rotated/ copies) and its manifest {relpath: [origin, kind]}."""
+    folder = work / f"clothing-e{n_edits}-s{seed}{'-rot' if rotated else ''}{f'-n{limit}' if limit else ''}"
+    manifest_file = folder.with_name(folder.name + ".manifest.json")
+    if manifest_file.exists() and folder.exists():
+        return folder, json.loads(manifest_file.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    images = sorted((clothing / "images").glob("*.jpg"))[:limit]
+    if not images:
+        raise SystemExit(f"no images in {clothing / 'images'}")
+    rng = np.random.default_rng(seed)
+    sample = sorted(rng.choice(len(images), size=min(n_edits, len(images)), replace=False).tolist())
+    (folder / "images").mkdir(parents=True)
+    (folder / "edits").mkdir()
+    manifest: dict[str, list] = {}
+    t = time.perf_counter()
+    for p in images:
+        shutil.copy2(p, folder / "images" / p.name)
+        manifest[f"images/{p.name}"] = [p.stem, "orig"]
+    for k in sample:
+        for e, q in zip(EDITS, make_edits(images[k], folder / "edits"), strict=True):
+            manifest[f"edits/{q.name}"] = [images[k].stem, e]
+    for r in csv.DictReader(open(clothing / "duplicates.csv")):
+        a, b = Path(r["a"]).name, Path(r["b"]).name
+        if r["kind"] == "exact" and f"images/{b}" in manifest:  # b joins a's origin (with a's edits, if any)
+            old = manifest[f"images/{b}"][0]
+            for v in manifest.values():
+                if v[0] == old:
+                    v[0] = Path(a).stem
+        elif r["kind"] == "rotated" and rotated and f"images/{b}" in manifest:
+            (folder / "rotated").mkdir(exist_ok=True)
+            shutil.copy2(clothing / r["a"], folder / "rotated" / a)
+            manifest[f"rotated/{a}"] = [Path(b).stem, "rotated"]
+    manifest_file.write_text(json.dumps(manifest))
+    print(f"built {folder}: {len(manifest)} files in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return folder, manifest
+
+
+class Truth:
+    """Files as positions 0..N-1 with origin ids and kinds; all positive pairs with their category."""
+
+    def __init__(self, folder: Path, manifest: dict) -> None:
+        self.folder = folder.resolve()
+        self.names = sorted(manifest)
+        self.pos = {n: i for i, n in enumerate(self.names)}
+        origins = sorted({v[0] for v in manifest.values()})
+        oid = {o: i for i, o in enumerate(origins)}
+        self.origin = np.array([oid[manifest[n][0]] for n in self.names], np.int64)
+        self.kind = [manifest[n][1] for n in self.names]
+        a, b, cat = [], [], []
+        members: dict[int, list[int]] = {}
+        for i, o in enumerate(self.origin):
+            members.setdefault(int(o), []).append(i)
+        for m in members.values():
+            for x in range(len(m)):
+                for y in range(x + 1, len(m)):
+                    a.append(m[x])
+                    b.append(m[y])
+                    cat.append(self.category(m[x], m[y]))
+        self.pa, self.pb, self.pcat = np.array(a, np.int64), np.array(b, np.int64), np.array(cat)
+
+    def category(self, a: int, b: int) -> str:
+        ka, kb = sorted((self.kind[a], self.kind[b]), key=lambda k: k != "orig")
+        if ka == "orig":
+            return "exact" if kb == "orig" else kb
+        return "edit-edit"
+
+    def index_of(self, path: str) -> int:
+        rel = os.path.relpath(os.path.realpath(path), self.folder)
+        if rel not in self.pos:
+            raise SystemExit(f"tool reported a file outside the ground truth: {path}")
+        return self.pos[rel]
+
+    def score_groups(self, groups: list[list[str]]) -> dict:
+        """Groups (merged when they share a file) as all their within-group pairs."""
+        n = len(self.names)
+        parent = np.arange(n)
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for g in groups:
+            ids = [self.index_of(p) for p in g]
+            for x in ids[1:]:
+                ra, rb = find(ids[0]), find(x)
+                if ra != rb:
+                    parent[rb] = ra
+        label = np.array([find(x) for x in range(n)])
+        _, sizes = np.unique(label, return_counts=True)
+        found = int((sizes * (sizes - 1) // 2).sum())
+        hit = label[self.pa] == label[self.pb]
+        return self._summary(hit, found, int((sizes > 1).sum()))
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> dict:
+        n = len(self.names)
+        keys = set()
+        for a, b in pairs:
+            x, y = sorted((self.index_of(a), self.index_of(b)))
+            if x != y:
+                keys.add(x * n + y)
+        found = np.fromiter(keys, np.int64, len(keys))
+        hit = np.isin(self.pa * n + self.pb, found)
+        return self._summary(hit, len(keys), None)
+
+    def _summary(self, hit: np.ndarray, found: int, n_groups: int | None) -> dict:
+        tp = int(hit.sum())
+        out = {"files": len(self.names), "positives": len(self.pa), "found_pairs": found, "tp": tp, "fp": found - tp,
+               "recall": round(tp / max(len(self.pa), 1), 4), "precision": round(tp / max(found, 1), 4),
+               "groups": n_groups, "per_kind": {}}  # fmt: skip
+        for c in CATEGORIES:
+            sel = self.pcat == c
+            if sel.any():
+                out["per_kind"][c] = {"recall": round(float(hit[sel].mean()), 4), "positives": int(sel.sum())}
+        return out
+
+
+# ---------------------------------------------------------------- the tools
+
+
+def run_fastdup(python: str, folder: Path, work: Path) -> tuple[dict, dict]:
+    fd_work = work / "fastdup-work"
+    if fd_work.exists():
+        shutil.rmtree(fd_work)
+    out = work / "fastdup-out.json"
+    _, wall, peak = run([python, "-c", FASTDUP_CHILD, str(folder), str(fd_work), str(out)],
+                        env={**os.environ, "SENTRY_OPT_OUT": "1"})  # fmt: skip
+    return json.loads(out.read_text()), {"wall_s": round(wall, 1), "peak_rss_mib": round(peak)}
+
+
+def run_simsearch(folder: Path, index_dir: Path, index_args: list[str], dedup_args: list[str], reuse: bool):
+    path = [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    timing: dict = {}
+    if reuse and index_dir.exists():
+        timing["index"] = None
+    else:
+        if index_dir.exists():
+            shutil.rmtree(index_dir)
+        _, wall, peak = run([sys.executable, "-c", CLI, "index", str(folder), "--index", str(index_dir), *index_args],
+                            env=env)  # fmt: skip
+        timing["index"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak)}
+    cmd = [sys.executable, "-c", CLI, "dedup", "--index", str(index_dir), "--json", *dedup_args]
+    stdout, wall, peak = run(cmd, env=env)
+    timing["dedup"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak)}
+    return json.loads(stdout), timing
+
+
+# ---------------------------------------------------------------- the threshold analysis
+
+
+def stored_vectors(index_dir: Path, truth: Truth) -> np.ndarray:
+    from simsearch.index.store import IndexStore
+
+    with IndexStore.open(index_dir) as store:
+        rows = {r.id: r.path for r in store.all_rows()}
+        vecs = np.zeros((len(truth.names), store.dim), np.float32)
+        seen = np.zeros(len(truth.names), bool)
+        for ids, v in store.iter_vectors():
+            at = [truth.index_of(rows[int(i)]) for i in ids]
+            vecs[at] = v
+            seen[at] = True
+    if not seen.all():
+        raise SystemExit(f"{int((~seen).sum())} files have no vector in {index_dir}")
+    return vecs
+
+
+def group_scores(n: int, i: np.ndarray, j: np.ndarray, truth: Truth) -> tuple[int, int]:
+    """(tp, found pairs) of the connected groups over the pairs (i, j)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, label = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)
+    _, sizes = np.unique(label, return_counts=True)
+    return int((label[truth.pa] == label[truth.pb]).sum()), int((sizes * (sizes - 1) // 2).sum())
+
+
+def threshold_analysis(vecs: np.ndarray, truth: Truth, default: float) -> dict:
+    from simsearch.dedup.graph import similar_pairs
+
+    n = len(vecs)
+    pos_s = np.einsum("ij,ij->i", vecs[truth.pa], vecs[truth.pb])
+    i, j, s = similar_pairs(vecs, LOW)
+    same = truth.origin[i] == truth.origin[j]
+    neg_s = s[~same]
+    npos = len(pos_s)
+    curve = []
+    for t in GRID:
+        tp, fp = int((pos_s >= t).sum()), int((neg_s >= t).sum())
+        keep = s >= t
+        gtp, gfound = group_scores(n, i[keep], j[keep], truth)
+        per = {c: round(float((pos_s[truth.pcat == c] >= t).mean()), 4) for c in CATEGORIES if (truth.pcat == c).any()}
+        curve.append({"threshold": t, "tp": tp, "fp": fp, "recall": round(tp / npos, 4),
+                      "precision": round(tp / max(tp + fp, 1), 4), "group_recall": round(gtp / npos, 4),
+                      "group_precision": round(gtp / max(gfound, 1), 4), "group_fp": gfound - gtp,
+                      "per_kind": per})  # fmt: skip
+    targets = []
+    desc = np.sort(pos_s)[::-1]
+    for r in TARGETS:
+        need = int(np.ceil(r * npos))
+        t = float(desc[need - 1])  # the highest threshold that keeps `need` positive pairs
+        tp, fp = int((pos_s >= t).sum()), int((neg_s >= t).sum())
+        band_tp = int(((pos_s >= t) & (pos_s < default)).sum())
+        band_fp = int(((neg_s >= t) & (neg_s < default)).sum())
+        # dedup groups connect pairs transitively: the highest threshold whose groups reach the target
+        lo, hi = t, 1.0  # groups hold every pair >= t, so t itself reaches the target
+        for _ in range(25):
+            mid = (lo + hi) / 2
+            gtp, _f = group_scores(n, i[s >= mid], j[s >= mid], truth)
+            lo, hi = (mid, hi) if gtp >= need else (lo, mid)
+        keep = s >= lo
+        gtp, gfound = group_scores(n, i[keep], j[keep], truth)
+        targets.append({"recall_target": r, "pair_threshold": round(t, 4), "precision": round(tp / max(tp + fp, 1), 4),
+                        "tp": tp, "fp": fp, "band": [round(t, 4), default], "band_pairs": band_tp + band_fp,
+                        "band_true": band_tp, "band_false": band_fp, "group_threshold": round(lo, 4),
+                        "group_precision": round(gtp / max(gfound, 1), 4), "group_fp": gfound - gtp,
+                        "group_band_pairs": int(((s >= lo) & (s < default)).sum())})  # fmt: skip
+    lowest = {c: round(float(pos_s[truth.pcat == c].min()), 4) for c in CATEGORIES if (truth.pcat == c).any()}
+    return {"curve": curve, "targets": targets, "lowest_positive_cosine": lowest,
+            "highest_negative_cosine": round(float(neg_s.max()), 4) if len(neg_s) else None}  # fmt: skip
+
+
+# ---------------------------------------------------------------- output
+
+
+def print_table(rows: list[dict]) -> None:
+    cats = [c for c in CATEGORIES if any(c in r["score"]["per_kind"] for r in rows)]
+    head = f"{'tool':<34} {'files':>6} {'recall':>7} {'prec':>7} {'TP':>6} {'FP':>5} " + " ".join(
+        f"{c:>9}" for c in cats
+    )
+    head += f" {'index s':>8} {'dedup s':>8} {'total s':>8} {'peak MiB':>9}"
+    print(head)
+    for r in rows:
+        sc, t = r["score"], r["time"]
+        kinds = " ".join(f"{sc['per_kind'][c]['recall']:>9.4f}" if c in sc["per_kind"] else f"{'-':>9}" for c in cats)
+        idx = f"{t['index_s']:>8.1f}" if t.get("index_s") is not None else f"{'-':>8}"
+        ded = f"{t['dedup_s']:>8.1f}" if t.get("dedup_s") is not None else f"{'-':>8}"
+        print(f"{r['tool']:<34} {sc['files']:>6} {sc['recall']:>7.4f} {sc['precision']:>7.4f} {sc['tp']:>6} "
+              f"{sc['fp']:>5} {kinds} {idx} {ded} {t['total_s']:>8.1f} {t['peak_rss_mib']:>9}")  # fmt: skip
+
+
+def print_analysis(a: dict, default: float) -> None:
+    cats = list(a["curve"][0]["per_kind"])
+    print("\n== simsearch vectors: pairs with cosine >= t (raw pairs, then the connected groups dedup forms)")
+    print(f"{'t':>5} {'recall':>7} {'prec':>7} {'TP':>6} {'FP':>6} {'grp rec':>8} {'grp prec':>8} {'grp FP':>7} "
+          + " ".join(f"{c:>9}" for c in cats))  # fmt: skip
+    for r in a["curve"]:
+        print(f"{r['threshold']:>5.2f} {r['recall']:>7.4f} {r['precision']:>7.4f} {r['tp']:>6} {r['fp']:>6} "
+              f"{r['group_recall']:>8.4f} {r['group_precision']:>8.4f} {r['group_fp']:>7} "
+              + " ".join(f"{r['per_kind'][c]:>9.4f}" for c in cats))  # fmt: skip
+    low = a["lowest_positive_cosine"]
+    print("lowest positive cosine per kind: " + ", ".join(f"{k} {v:.3f}" for k, v in low.items()))
+    print(f"highest negative cosine: {a['highest_negative_cosine']}")
+    for t in a["targets"]:
+        print(f"recall {t['recall_target']}: pairs need t <= {t['pair_threshold']:.4f} "
+              f"(precision {t['precision']:.4f}, "
+              f"{t['fp']} false pairs); band [{t['pair_threshold']:.4f}, {default}) holds {t['band_pairs']} pairs "
+              f"({t['band_true']} true, {t['band_false']} false) = {t['band_pairs'] * 5 / 1000:.1f}-"
+              f"{t['band_pairs'] * 20 / 1000:.1f} s at 5-20 ms/pair; groups reach it at t {t['group_threshold']:.4f} "
+              f"(precision {t['group_precision']:.4f}, {t['group_fp']} false pairs, {t['group_band_pairs']} "
+              f"candidate pairs in [t, {default}))")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("clothing", type=Path)
+    ap.add_argument("--edits", type=int, default=500, help="How many sampled photos get the five edits.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rotated", action="store_true", help="Also put the 25 rotated/ copies in the folder.")
+    ap.add_argument("--limit", type=int, default=None, help="Use only the first N photos (a quick check).")
+    ap.add_argument("--fastdup-python", default="/work/venvs/fastdup/bin/python")
+    ap.add_argument("--skip-fastdup", action="store_true")
+    ap.add_argument("--simsearch-args", default="", help="Extra arguments for `simsearch dedup`.")
+    ap.add_argument("--index-args", default="", help="Extra arguments for `simsearch index`.")
+    ap.add_argument("--reuse-index", action="store_true", help="Keep an existing index (its build is not timed).")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/peer-data"), help="Cache for the folder and outputs.")
+    ap.add_argument("--no-analysis", action="store_true", help="Skip the threshold analysis of the stored vectors.")
+    args = ap.parse_args()
+    from simsearch.dedup.finder import DEFAULT_THRESHOLD
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    folder, manifest = build_folder(args.clothing, args.edits, args.seed, args.work, args.rotated, args.limit)
+    truth = Truth(folder, manifest)
+    rows, extra = [], {}
+    if not args.skip_fastdup:
+        res, t = run_fastdup(args.fastdup_python, folder, args.work)
+        extra["fastdup"] = {k: res[k] for k in ("version", "ccthreshold", "threshold", "k")}
+        rows.append({"tool": f"fastdup {res['version']} components", "score": truth.score_groups(res["components"]),
+                     "time": {"total_s": t["wall_s"], "peak_rss_mib": t["peak_rss_mib"]}})  # fmt: skip
+        rows.append({"tool": "fastdup similarity() pairs", "score": truth.score_pairs([p[:2] for p in res["pairs"]]),
+                     "time": {"total_s": t["wall_s"], "peak_rss_mib": t["peak_rss_mib"]}})  # fmt: skip
+    tag = "-".join(args.index_args.replace("--", "").split()) or "default"
+    index_dir = args.work / f"index-{folder.name}-{tag}"
+    report, t = run_simsearch(folder, index_dir, shlex.split(args.index_args), shlex.split(args.simsearch_args),
+                              args.reuse_index)  # fmt: skip
+    groups = [g["files"] for g in report["groups"]]
+    name = " ".join(["simsearch", args.index_args, args.simsearch_args]).strip()
+    idx_s = t["index"]["wall_s"] if t["index"] else None
+    peaks = [x["peak_rss_mib"] for x in (t["index"], t["dedup"]) if x]
+    rows.append({"tool": name, "score": truth.score_groups(groups),
+                 "time": {"index_s": idx_s, "dedup_s": t["dedup"]["wall_s"], "peak_rss_mib": max(peaks),
+                          "total_s": (idx_s or 0) + t["dedup"]["wall_s"]}})  # fmt: skip
+    extra["simsearch"] = {"threshold": report["threshold"], "index_dir": str(index_dir), "timing": t}
+    print(f"\n== {folder} ({len(truth.names)} files, {len(truth.pa)} duplicate pairs); CPU {os.cpu_count()} cores")
+    print_table(rows)
+    fd_rows = [r for r in rows if r["tool"].endswith("components")]
+    if fd_rows and idx_s:
+        ratio = fd_rows[0]["time"]["total_s"] / rows[-1]["time"]["total_s"]
+        print(f"fastdup wall time / simsearch (index + dedup) wall time: {ratio:.2f}x")
+    analysis = None
+    if not args.no_analysis:
+        analysis = threshold_analysis(stored_vectors(index_dir, truth), truth, DEFAULT_THRESHOLD)
+        print_analysis(analysis, DEFAULT_THRESHOLD)
+    print(json.dumps({"folder": str(folder), "rows": rows, "tools": extra, "analysis": analysis}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
