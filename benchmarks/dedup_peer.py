@@ -7,7 +7,10 @@
 The folder (cached under --work, built once per --edits/--seed) holds images/ (the 5,756 photos) and edits/ (for N
 sampled photos: JPEG q30, half size, 90% centre crop, +30% brightness, a text overlay; `make_edits` of
 dedup_quality.py). Ground truth: files of the same origin (a photo, its edits, and the byte-identical pair of
-duplicates.csv) are duplicates of each other; every other pair is not.
+duplicates.csv) are duplicates of each other; every other pair is not. Photos whose 32x32 grey thumbnails correlate
+>= 0.99 also share an origin (besides the listed pair, one unlisted re-encoded copy: 6075b4a5 = 637a56e4);
+--listed-only drops that. Other lookalikes (the same garment shot twice, similar garments on the same sheet) stay
+negatives, as shared/README.md says.
 
 Each tool runs in a fresh child process (wall time, peak RSS of the child):
 - fastdup at its default, the way its "finding and removing duplicates" example uses it: `fastdup.create(work_dir,
@@ -22,7 +25,11 @@ A group of k files counts as its k(k-1)/2 pairs. The table gives pair recall, pr
 
 Then, from the simsearch index's stored vectors: precision/recall over cosine thresholds (raw pairs, and the
 connected groups dedup would form), the threshold each recall target needs, and how many candidate pairs fall
-between that threshold and today's default (the band a geometric verifier would have to check).
+between that threshold and today's default, or up to 0.94/0.96 (the band a geometric verifier would check), with the
+groups a perfect verifier of that band would give.
+
+--reuse-fastdup / --reuse-index reuse the last result on the same folder and print its timing from then; rerun
+without them on a quiet machine to re-measure both tools in one go.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ CATEGORIES = (*EDITS, "edit-edit", "exact", "rotated")
 GRID = tuple(round(0.70 + 0.02 * k, 2) for k in range(14))  # 0.70 .. 0.96
 TARGETS = (0.99, 0.995)
 LOW = 0.50  # candidate pairs below this cosine are never needed for the curve
+VERIFY_UP_TO = (0.94, 0.96)  # band tops above the default: verify the lookalikes that score >= default too
+PIXEL_COPY = 0.99  # thumbnail correlation of photos that are copies of each other (see pixel_copies)
 
 FASTDUP_CHILD = PEAK + (
     """
@@ -101,10 +110,7 @@ def build_folder(clothing: Path, n_edits: int, seed: int, work: Path, rotated: b
     for r in csv.DictReader(open(clothing / "duplicates.csv")):
         a, b = Path(r["a"]).name, Path(r["b"]).name
         if r["kind"] == "exact" and f"images/{b}" in manifest:  # b joins a's origin (with a's edits, if any)
-            old = manifest[f"images/{b}"][0]
-            for v in manifest.values():
-                if v[0] == old:
-                    v[0] = Path(a).stem
+            join_origins(manifest, f"images/{a}", f"images/{b}")
         elif r["kind"] == "rotated" and rotated and f"images/{b}" in manifest:
             (folder / "rotated").mkdir(exist_ok=True)
             shutil.copy2(clothing / r["a"], folder / "rotated" / a)
@@ -112,6 +118,42 @@ def build_folder(clothing: Path, n_edits: int, seed: int, work: Path, rotated: b
     manifest_file.write_text(json.dumps(manifest))
     print(f"built {folder}: {len(manifest)} files in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return folder, manifest
+
+
+def join_origins(manifest: dict, a: str, b: str) -> None:
+    """Files of b's origin (b, its edits) become files of a's origin."""
+    old, new = manifest[b][0], manifest[a][0]
+    for v in manifest.values():
+        if v[0] == old:
+            v[0] = new
+
+
+def pixel_copies(folder: Path, manifest: dict) -> list[list]:
+    """Pairs of photos in images/ whose 32x32 grey thumbnails correlate >= PIXEL_COPY (cached next to the folder).
+
+    An independent check of duplicates.csv, with no embedding: on the clothing set it finds the listed exact pair
+    and one unlisted re-encoded copy (correlation 1.000; the next pair is 0.98, a different shot).
+    """
+    cache = folder.with_name(folder.name + ".pixel-copies.json")
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from PIL import Image
+
+    names = sorted(n for n, v in manifest.items() if v[1] == "orig")
+    x = np.zeros((len(names), 1024), np.float32)
+    for k, n in enumerate(names):
+        with Image.open(folder / n) as im:
+            im.draft("L", (64, 64))
+            g = np.asarray(im.convert("L").resize((32, 32), Image.BILINEAR), np.float32).ravel()
+        x[k] = (g - g.mean()) / (g.std() + 1e-6) / 32.0
+    out = []
+    for lo in range(0, len(names), 2048):
+        sim = x[lo : lo + 2048] @ x.T
+        for a, b in zip(*np.nonzero(sim >= PIXEL_COPY), strict=True):
+            if lo + a < b:
+                out.append([names[lo + a], names[b], round(float(sim[a, b]), 4)])
+    cache.write_text(json.dumps(out))
+    return out
 
 
 class Truth:
@@ -198,28 +240,39 @@ class Truth:
 # ---------------------------------------------------------------- the tools
 
 
-def run_fastdup(python: str, folder: Path, work: Path) -> tuple[dict, dict]:
-    fd_work = work / "fastdup-work"
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def run_fastdup(python: str, folder: Path, work: Path, reuse: bool) -> tuple[dict, dict]:
+    """fastdup's result and timing; with `reuse`, those of the last run on this folder (not re-timed)."""
+    fd_work = work / f"fastdup-work-{folder.name}"
+    out, timing = fd_work.with_name(fd_work.name + ".out.json"), fd_work.with_name(fd_work.name + ".timing.json")
+    if reuse and out.exists() and timing.exists():
+        return json.loads(out.read_text()), {**json.loads(timing.read_text()), "reused": True}
     if fd_work.exists():
         shutil.rmtree(fd_work)
-    out = work / "fastdup-out.json"
     _, wall, peak = run([python, "-c", FASTDUP_CHILD, str(folder), str(fd_work), str(out)],
                         env={**os.environ, "SENTRY_OPT_OUT": "1"})  # fmt: skip
-    return json.loads(out.read_text()), {"wall_s": round(wall, 1), "peak_rss_mib": round(peak)}
+    t = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "at": _now()}
+    timing.write_text(json.dumps(t))
+    return json.loads(out.read_text()), t
 
 
 def run_simsearch(folder: Path, index_dir: Path, index_args: list[str], dedup_args: list[str], reuse: bool):
     path = [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     timing: dict = {}
+    saved = index_dir.with_name(index_dir.name + ".timing.json")
     if reuse and index_dir.exists():
-        timing["index"] = None
+        timing["index"] = {**json.loads(saved.read_text()), "reused": True} if saved.exists() else None
     else:
         if index_dir.exists():
             shutil.rmtree(index_dir)
         _, wall, peak = run([sys.executable, "-c", CLI, "index", str(folder), "--index", str(index_dir), *index_args],
                             env=env)  # fmt: skip
-        timing["index"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak)}
+        timing["index"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "at": _now()}
+        saved.write_text(json.dumps(timing["index"]))
     cmd = [sys.executable, "-c", CLI, "dedup", "--index", str(index_dir), "--json", *dedup_args]
     stdout, wall, peak = run(cmd, env=env)
     timing["dedup"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(peak)}
@@ -264,6 +317,38 @@ def threshold_analysis(vecs: np.ndarray, truth: Truth, default: float) -> dict:
     same = truth.origin[i] == truth.origin[j]
     neg_s = s[~same]
     npos = len(pos_s)
+    is_orig = np.array([k == "orig" for k in truth.kind])
+    two_photos = is_orig[i] & is_orig[j]  # a false pair of two different photos (not involving an edit)
+
+    def band(low: float, high: float) -> dict:
+        """Candidate pairs with cosine in [low, high), and the dedup groups if a perfect verifier checked them
+        (pairs >= high are taken as they are, pairs below low are dropped)."""
+        inb = (s >= low) & (s < high)
+        keep = (s >= high) | (inb & same)
+        gtp, gfound = group_scores(n, i[keep], j[keep], truth)
+        # a pair whose files are already in one group needs no check: best first, skip those
+        parent = np.arange(n)
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for a, b in zip(i[s >= high], j[s >= high], strict=True):
+            parent[find(int(a))] = find(int(b))
+        checks = 0
+        for k in np.nonzero(inb)[0][np.argsort(-s[inb], kind="stable")]:
+            ra, rb = find(int(i[k])), find(int(j[k]))
+            if ra != rb:
+                checks += 1
+                if same[k]:
+                    parent[ra] = rb
+        return {"low": round(low, 4), "high": high, "pairs": int(inb.sum()), "true": int((inb & same).sum()),
+                "false": int((inb & ~same).sum()), "false_two_photos": int((inb & ~same & two_photos).sum()),
+                "checks_skipping_grouped": checks, "oracle_group_recall": round(gtp / npos, 4),
+                "oracle_group_precision": round(gtp / max(gfound, 1), 4)}  # fmt: skip
+
     curve = []
     for t in GRID:
         tp, fp = int((pos_s >= t).sum()), int((neg_s >= t).sum())
@@ -280,8 +365,6 @@ def threshold_analysis(vecs: np.ndarray, truth: Truth, default: float) -> dict:
         need = int(np.ceil(r * npos))
         t = float(desc[need - 1])  # the highest threshold that keeps `need` positive pairs
         tp, fp = int((pos_s >= t).sum()), int((neg_s >= t).sum())
-        band_tp = int(((pos_s >= t) & (pos_s < default)).sum())
-        band_fp = int(((neg_s >= t) & (neg_s < default)).sum())
         # dedup groups connect pairs transitively: the highest threshold whose groups reach the target
         lo, hi = t, 1.0  # groups hold every pair >= t, so t itself reaches the target
         for _ in range(25):
@@ -291,12 +374,14 @@ def threshold_analysis(vecs: np.ndarray, truth: Truth, default: float) -> dict:
         keep = s >= lo
         gtp, gfound = group_scores(n, i[keep], j[keep], truth)
         targets.append({"recall_target": r, "pair_threshold": round(t, 4), "precision": round(tp / max(tp + fp, 1), 4),
-                        "tp": tp, "fp": fp, "band": [round(t, 4), default], "band_pairs": band_tp + band_fp,
-                        "band_true": band_tp, "band_false": band_fp, "group_threshold": round(lo, 4),
+                        "tp": tp, "fp": fp, "group_threshold": round(lo, 4),
                         "group_precision": round(gtp / max(gfound, 1), 4), "group_fp": gfound - gtp,
-                        "group_band_pairs": int(((s >= lo) & (s < default)).sum())})  # fmt: skip
+                        "bands": [band(b, top) for b in (t, lo) for top in (default, *VERIFY_UP_TO)]})  # fmt: skip
     lowest = {c: round(float(pos_s[truth.pcat == c].min()), 4) for c in CATEGORIES if (truth.pcat == c).any()}
+    above = (s >= default) & ~same
     return {"curve": curve, "targets": targets, "lowest_positive_cosine": lowest,
+            "false_pairs_at_default": {"two_photos": int((above & two_photos).sum()),
+                                       "with_an_edit": int((above & ~two_photos).sum())},
             "highest_negative_cosine": round(float(neg_s.max()), 4) if len(neg_s) else None}  # fmt: skip
 
 
@@ -332,13 +417,18 @@ def print_analysis(a: dict, default: float) -> None:
     print("lowest positive cosine per kind: " + ", ".join(f"{k} {v:.3f}" for k, v in low.items()))
     print(f"highest negative cosine: {a['highest_negative_cosine']}")
     for t in a["targets"]:
-        print(f"recall {t['recall_target']}: pairs need t <= {t['pair_threshold']:.4f} "
-              f"(precision {t['precision']:.4f}, "
-              f"{t['fp']} false pairs); band [{t['pair_threshold']:.4f}, {default}) holds {t['band_pairs']} pairs "
-              f"({t['band_true']} true, {t['band_false']} false) = {t['band_pairs'] * 5 / 1000:.1f}-"
-              f"{t['band_pairs'] * 20 / 1000:.1f} s at 5-20 ms/pair; groups reach it at t {t['group_threshold']:.4f} "
-              f"(precision {t['group_precision']:.4f}, {t['group_fp']} false pairs, {t['group_band_pairs']} "
-              f"candidate pairs in [t, {default}))")  # fmt: skip
+        print(f"recall {t['recall_target']}: raw pairs need t <= {t['pair_threshold']:.4f} (precision "
+              f"{t['precision']:.4f}, {t['fp']} false pairs); dedup's connected groups reach it at t "
+              f"{t['group_threshold']:.4f} (precision {t['group_precision']:.4f}, "
+              f"{t['group_fp']} false pairs)")  # fmt: skip
+        for b in t["bands"]:
+            print(f"  verify [{b['low']:.4f}, {b['high']}): {b['pairs']:>5} pairs ({b['true']} true, "
+                  f"{b['false']} false, {b['false_two_photos']} of those two photos) = {b['pairs'] * 5 / 1000:.0f}-"
+                  f"{b['pairs'] * 20 / 1000:.0f} s at 5-20 ms/pair, or {b['checks_skipping_grouped']} checks if "
+                  f"pairs already grouped are skipped; with a perfect verifier: group recall "
+                  f"{b['oracle_group_recall']:.4f}, precision {b['oracle_group_precision']:.4f}")  # fmt: skip
+    f = a["false_pairs_at_default"]
+    print(f"false pairs >= {default}: {f['two_photos']} between two different photos, {f['with_an_edit']} with an edit")
 
 
 def main() -> int:
@@ -352,7 +442,10 @@ def main() -> int:
     ap.add_argument("--skip-fastdup", action="store_true")
     ap.add_argument("--simsearch-args", default="", help="Extra arguments for `simsearch dedup`.")
     ap.add_argument("--index-args", default="", help="Extra arguments for `simsearch index`.")
-    ap.add_argument("--reuse-index", action="store_true", help="Keep an existing index (its build is not timed).")
+    ap.add_argument("--reuse-index", action="store_true", help="Keep an existing index (shows its earlier timing).")
+    ap.add_argument("--reuse-fastdup", action="store_true", help="Reuse fastdup's last result on this folder.")
+    ap.add_argument("--listed-only", action="store_true",
+                    help="Ground truth from duplicates.csv only (no pixel-identical copies it misses).")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/peer-data"), help="Cache for the folder and outputs.")
     ap.add_argument("--no-analysis", action="store_true", help="Skip the threshold analysis of the stored vectors.")
     args = ap.parse_args()
@@ -360,11 +453,14 @@ def main() -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     folder, manifest = build_folder(args.clothing, args.edits, args.seed, args.work, args.rotated, args.limit)
+    copies = [] if args.listed_only else pixel_copies(folder, manifest)
+    for a, b, _c in copies:
+        join_origins(manifest, a, b)
     truth = Truth(folder, manifest)
     rows, extra = [], {}
     if not args.skip_fastdup:
-        res, t = run_fastdup(args.fastdup_python, folder, args.work)
-        extra["fastdup"] = {k: res[k] for k in ("version", "ccthreshold", "threshold", "k")}
+        res, t = run_fastdup(args.fastdup_python, folder, args.work, args.reuse_fastdup)
+        extra["fastdup"] = {**{k: res[k] for k in ("version", "ccthreshold", "threshold", "k")}, "timing": t}
         rows.append({"tool": f"fastdup {res['version']} components", "score": truth.score_groups(res["components"]),
                      "time": {"total_s": t["wall_s"], "peak_rss_mib": t["peak_rss_mib"]}})  # fmt: skip
         rows.append({"tool": "fastdup similarity() pairs", "score": truth.score_pairs([p[:2] for p in res["pairs"]]),
@@ -381,7 +477,13 @@ def main() -> int:
                  "time": {"index_s": idx_s, "dedup_s": t["dedup"]["wall_s"], "peak_rss_mib": max(peaks),
                           "total_s": (idx_s or 0) + t["dedup"]["wall_s"]}})  # fmt: skip
     extra["simsearch"] = {"threshold": report["threshold"], "index_dir": str(index_dir), "timing": t}
+    extra["pixel_copies"] = copies
     print(f"\n== {folder} ({len(truth.names)} files, {len(truth.pa)} duplicate pairs); CPU {os.cpu_count()} cores")
+    if copies:
+        print("ground truth also joins pixel-identical photos: " + "; ".join(f"{a} = {b} ({c})" for a, b, c in copies))
+    for what, x in (("fastdup", extra.get("fastdup", {}).get("timing")), ("simsearch index", t["index"])):
+        if x and x.get("reused"):
+            print(f"{what} time is from its run at {x.get('at', '?')} (reused result)")
     print_table(rows)
     fd_rows = [r for r in rows if r["tool"].endswith("components")]
     if fd_rows and idx_s:
