@@ -470,7 +470,7 @@ def main() -> int:
     report, t = run_simsearch(folder, index_dir, shlex.split(args.index_args), shlex.split(args.simsearch_args),
                               args.reuse_index)  # fmt: skip
     groups = [g["files"] for g in report["groups"]]
-    name = " ".join(["simsearch", args.index_args, args.simsearch_args]).strip()
+    name = " ".join(x for x in ["simsearch", args.index_args, args.simsearch_args] if x)
     idx_s = t["index"]["wall_s"] if t["index"] else None
     peaks = [x["peak_rss_mib"] for x in (t["index"], t["dedup"]) if x]
     rows.append({"tool": name, "score": truth.score_groups(groups),
