@@ -379,7 +379,11 @@ def threshold_analysis(vecs: np.ndarray, truth: Truth, default: float) -> dict:
                         "bands": [band(b, top) for b in (t, lo) for top in (default, *VERIFY_UP_TO)]})  # fmt: skip
     lowest = {c: round(float(pos_s[truth.pcat == c].min()), 4) for c in CATEGORIES if (truth.pcat == c).any()}
     above = (s >= default) & ~same
+    top_neg = float(neg_s.max()) if len(neg_s) else 0.0
+    exact_p = {c: round(float((pos_s[truth.pcat == c] > top_neg).mean()), 4) for c in lowest}
     return {"curve": curve, "targets": targets, "lowest_positive_cosine": lowest,
+            "at_precision_1": {"threshold": f"> {top_neg:.4f}", "recall": round(float((pos_s > top_neg).mean()), 4),
+                               "per_kind": exact_p},
             "false_pairs_at_default": {"two_photos": int((above & two_photos).sum()),
                                        "with_an_edit": int((above & ~two_photos).sum())},
             "highest_negative_cosine": round(float(neg_s.max()), 4) if len(neg_s) else None}  # fmt: skip
@@ -415,7 +419,9 @@ def print_analysis(a: dict, default: float) -> None:
               + " ".join(f"{r['per_kind'][c]:>9.4f}" for c in cats))  # fmt: skip
     low = a["lowest_positive_cosine"]
     print("lowest positive cosine per kind: " + ", ".join(f"{k} {v:.3f}" for k, v in low.items()))
-    print(f"highest negative cosine: {a['highest_negative_cosine']}")
+    p1 = a["at_precision_1"]
+    print(f"at precision 1 (cosine {p1['threshold']}): pair recall {p1['recall']:.4f}; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in p1["per_kind"].items()))  # fmt: skip
     for t in a["targets"]:
         print(f"recall {t['recall_target']}: raw pairs need t <= {t['pair_threshold']:.4f} (precision "
               f"{t['precision']:.4f}, {t['fp']} false pairs); dedup's connected groups reach it at t "
