@@ -337,16 +337,18 @@ def threshold_analysis(vecs: np.ndarray, truth: Truth, default: float) -> dict:
 
         for a, b in zip(i[s >= high], j[s >= high], strict=True):
             parent[find(int(a))] = find(int(b))
-        checks = 0
+        checks, described = 0, set()
         for k in np.nonzero(inb)[0][np.argsort(-s[inb], kind="stable")]:
             ra, rb = find(int(i[k])), find(int(j[k]))
             if ra != rb:
                 checks += 1
+                described.update((int(i[k]), int(j[k])))
                 if same[k]:
                     parent[ra] = rb
         return {"low": round(low, 4), "high": high, "pairs": int(inb.sum()), "true": int((inb & same).sum()),
                 "false": int((inb & ~same).sum()), "false_two_photos": int((inb & ~same & two_photos).sum()),
-                "checks_skipping_grouped": checks, "oracle_group_recall": round(gtp / npos, 4),
+                "checks_skipping_grouped": checks, "files_in_checks": len(described),
+                "oracle_group_recall": round(gtp / npos, 4),
                 "oracle_group_precision": round(gtp / max(gfound, 1), 4)}  # fmt: skip
 
     curve = []
@@ -430,9 +432,10 @@ def print_analysis(a: dict, default: float) -> None:
         for b in t["bands"]:
             print(f"  verify [{b['low']:.4f}, {b['high']}): {b['pairs']:>5} pairs ({b['true']} true, "
                   f"{b['false']} false, {b['false_two_photos']} of those two photos) = {b['pairs'] * 5 / 1000:.0f}-"
-                  f"{b['pairs'] * 20 / 1000:.0f} s at 5-20 ms/pair, or {b['checks_skipping_grouped']} checks if "
-                  f"pairs already grouped are skipped; with a perfect verifier: group recall "
-                  f"{b['oracle_group_recall']:.4f}, precision {b['oracle_group_precision']:.4f}")  # fmt: skip
+                  f"{b['pairs'] * 20 / 1000:.0f} s at 5-20 ms/pair, or {b['checks_skipping_grouped']} checks of "
+                  f"{b['files_in_checks']} files if pairs already grouped are skipped; a perfect verifier: "
+                  f"group recall {b['oracle_group_recall']:.4f}, "
+                  f"precision {b['oracle_group_precision']:.4f}")  # fmt: skip
     f = a["false_pairs_at_default"]
     print(f"false pairs >= {default}: {f['two_photos']} between two different photos, {f['with_an_edit']} with an edit")
 
