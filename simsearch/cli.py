@@ -330,13 +330,13 @@ def dedup_cmd(
         bool, typer.Option("--rotations", help="Also match copies rotated 90/180/270 or mirrored.")
     ] = False,
     verify: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--verify",
-            help="Confirm every near-duplicate pair geometrically (local features): crops and "
-            "edits kept, look-alikes dropped; candidates from a lower threshold.",
+            "--verify/--no-verify",
+            help="--verify: confirm every near-duplicate pair geometrically (crops and edits kept, look-alikes "
+            "dropped). --no-verify: cosine alone. Default: verify the uncertain band (see README).",
         ),
-    ] = False,
+    ] = None,
     action: Annotated[
         str, typer.Option("--action", help="report, move (to --to DIR) or delete (into a trash folder).")
     ] = "report",
@@ -357,22 +357,21 @@ def dedup_cmd(
     """Find groups of exact copies and near duplicates; report them, or move/delete the extra copies (undoable)."""
     from .api import SimIndex
     from .dedup.actions import apply_plan, plan_action
-    from .dedup.finder import DEFAULT_THRESHOLD, VERIFY_THRESHOLD, explain_pair, find_duplicates
+    from .dedup.finder import explain_pair, find_duplicates
 
     prefer = prefer or []
-    t = (VERIFY_THRESHOLD if verify else DEFAULT_THRESHOLD) if threshold is None else threshold
     if permanent and action != "delete":
         raise BadInputError("--permanent only goes with --action delete")
     with SimIndex.open(_resolve_index(index)) as idx:
         if explain:
-            text, data = explain_pair(idx, explain[0], explain[1], t)
+            text, data = explain_pair(idx, explain[0], explain[1], threshold, verify)
             _emit(data) if as_json else typer.echo(text)
             return
         prefs = [str(p) for p in prefer]
         from .progress import display
 
         with display() as shown:
-            report = find_duplicates(idx.store, t, group=group, keep=keep, prefer=prefs, near=not exact_only,
+            report = find_duplicates(idx.store, threshold, group=group, keep=keep, prefer=prefs, near=not exact_only,
                                      rotations=idx.embedder if rotations else None, progress=shown.stage,
                                      verify=verify, verify_progress=lambda d, n: shown.update(
                                          "verifying pairs", d, n, unit="pairs"))  # fmt: skip
@@ -400,7 +399,9 @@ def dedup_cmd(
     n_exact = sum(g.kind == "exact" for g in report.groups)
     if report.verified:
         v = report.verified
-        typer.echo(f"verified {v['pairs']} pairs geometrically: {v['confirmed']} confirmed, {v['dropped']} dropped.")
+        above = f", {v['accepted_unchecked']} at {v['accept_above']} or more accepted" if v["accept_above"] else ""
+        typer.echo(f"verified {v['checked']} pairs geometrically: {v['confirmed']} confirmed, {v['dropped']} dropped "
+                   f"as look-alikes ({v['implied']} implied by confirmed pairs{above}).")  # fmt: skip
     typer.echo(
         f"{len(report.groups)} groups ({n_exact} exact, {len(report.groups) - n_exact} near at threshold "
         f"{report.threshold}); {report.duplicates} files could be removed."

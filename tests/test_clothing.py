@@ -62,3 +62,34 @@ def test_a_rotated_copy_finds_its_original_first_when_queried_upright(subset, tm
                 hits = [idx.search(im.rotate(angle, expand=True), k=1)[0] for angle in (90, 270)]
             best = max(hits, key=lambda m: m.score)
             assert best.path == b and best.score > 0.9
+
+
+def test_default_dedup_drops_a_look_alike_that_cosine_groups(clothing: Path, tmp_path: Path) -> None:
+    """Two different photos of garments on the same sheet (cosine 0.93, 26 RANSAC inliers on the sheet) are not
+    copies; an edit of one of them is."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from simsearch.cli import app
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    a, b = "b4af5b70-d260-48b3-8eea-993d762d2dda.jpg", "fadba78e-7dc2-497a-aac9-ec8dbd5545ec.jpg"
+    for n in (a, b):
+        shutil.copy2(clothing / "images" / n, folder / n)
+    from PIL import Image
+
+    with Image.open(folder / a) as im:
+        w, h = im.size
+        im.crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(folder / "a-crop.jpg", quality=85)
+    idx = tmp_path / "idx"
+    assert CliRunner().invoke(app, ["index", str(folder), "--index", str(idx)]).exit_code == 0
+
+    def groups(*extra: str) -> list[set[str]]:
+        r = CliRunner().invoke(app, ["dedup", "--index", str(idx), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return [{Path(f).name for f in g["files"]} for g in json.loads(r.stdout)["groups"]]
+
+    assert groups() == [{a, "a-crop.jpg"}]
+    assert groups("--no-verify") == [{a, b, "a-crop.jpg"}]

@@ -160,3 +160,33 @@ def test_verify_finds_and_repairs_a_damaged_features_record(photos: Path, tmp_pa
     assert json.loads(r.stdout)["local_features"]["extracted"] == 1
     info = json.loads(CliRunner().invoke(app, ["info", "--index", str(idx), "--json"]).stdout)
     assert 10_000 < info["local_features"]["bytes_per_image"] < 100_000
+
+
+def test_default_dedup_confirms_copies_below_the_cosine_threshold(tmp_path: Path) -> None:
+    """The default verifies the band under 0.90 geometrically: a 76% crop (cosine about 0.89) joins its original,
+    which cosine alone at 0.90 (--no-verify) misses."""
+    from PIL import ImageEnhance
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("chelsea", "coffee", "camera"):
+        im = Image.fromarray(skimage_photo(name))
+        im.save(folder / f"{name}.jpg", quality=90)
+        w, h = im.size
+        im.crop((int(w * 0.12), int(h * 0.12), int(w * 0.88), int(h * 0.88))).save(folder / f"{name}-crop.jpg")
+        ImageEnhance.Brightness(im).enhance(1.4).save(folder / f"{name}-bright.jpg", quality=85)
+    idx = tmp_path / "idx"
+    assert CliRunner().invoke(app, ["index", str(folder), "--index", str(idx)]).exit_code == 0
+
+    def groups(*extra: str) -> tuple[list[set[str]], dict]:
+        r = CliRunner().invoke(app, ["dedup", "--index", str(idx), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        return sorted(({Path(f).name for f in g["files"]} for g in out["groups"]), key=sorted), out
+
+    found, out = groups()
+    assert found == [{f"{n}.jpg", f"{n}-crop.jpg", f"{n}-bright.jpg"} for n in ("camera", "chelsea", "coffee")]
+    assert out["threshold"] < 0.9 and out["verified"]["checked"] >= 1 and out["verified"]["dropped"] == 0
+    cosine_only, out = groups("--no-verify")
+    assert "verified" not in out and out["threshold"] == 0.9
+    assert {"chelsea.jpg", "chelsea-bright.jpg"} in cosine_only and "chelsea-crop.jpg" not in set().union(*cosine_only)

@@ -17,8 +17,10 @@ import numpy as np
 from ..errors import BadInputError
 from ..index.store import IndexStore, Row
 
-DEFAULT_THRESHOLD = 0.90  # best F1 on clothing + generated edits (benchmarks/dedup_quality.py)
-VERIFY_THRESHOLD = 0.80  # candidate pairs for --verify: geometric confirmation keeps precision at lower cosines
+DEFAULT_THRESHOLD = 0.90  # cosine alone (--no-verify, or an explicit --threshold): best F1 on clothing + edits
+AUTO_THRESHOLD = 0.86  # the default: candidates from here are confirmed geometrically (benchmarks/dedup_peer.py)
+ACCEPT_ABOVE = 0.97  # the default: pairs at or above are copies without a check (no look-alike scores this high)
+VERIFY_THRESHOLD = 0.80  # candidates for --verify, which checks every pair
 GROUP_MODES = ("connected", "star")
 KEEP_RULES = ("resolution", "size", "oldest", "newest", "shortest-path", "longest-path")
 DEFAULT_KEEP = ("resolution", "size", "oldest", "shortest-path")
@@ -107,14 +109,14 @@ def is_preferred(path: str, prefer: Sequence[str]) -> bool:
 
 def find_duplicates(
     store: IndexStore,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     group: str = "connected",
     keep: str | Sequence[str] | None = None,
     prefer: Sequence[str] = (),
     near: bool = True,
     rotations: Any = None,
     progress: Callable[[str], None] | None = None,
-    verify: bool = False,
+    verify: bool | None = None,
     accept_above: float | None = None,
     verify_progress: Callable[[int, int], None] | None = None,
 ) -> DedupReport:
@@ -122,9 +124,17 @@ def find_duplicates(
 
     `rotations`: an Embedder; when given, copies rotated by 90/180/270 degrees or mirrored are matched too (each
     representative file is decoded once more and embedded four times). `progress` is told each stage's name.
-    `verify` confirms near-duplicate pairs geometrically (local features, RANSAC, then the warped images must
-    agree) and drops the rest; pairs scoring `accept_above` or more are kept without a check.
+    Near duplicates, by default (`threshold` and `verify` None): pairs from AUTO_THRESHOLD up are confirmed
+    geometrically (local features, RANSAC, then the warped images must agree) and look-alikes dropped; pairs at
+    ACCEPT_ABOVE or more are kept unchecked, and a pair whose file cannot be read falls back to the cosine rule.
+    An explicit `threshold` alone, or `verify=False`, is cosine only (DEFAULT_THRESHOLD); `verify=True` checks
+    every pair from `threshold` (VERIFY_THRESHOLD) up. Pairs scoring `accept_above` or more are never checked.
     """
+    auto = verify is None and threshold is None
+    if auto:
+        threshold, verify, accept_above = AUTO_THRESHOLD, True, ACCEPT_ABOVE if accept_above is None else accept_above
+    elif threshold is None:
+        threshold = VERIFY_THRESHOLD if verify else DEFAULT_THRESHOLD
     stage = progress or (lambda _text: None)
     from .graph import connected_groups, group_min_scores, similar_pairs, star_groups
 
@@ -162,16 +172,27 @@ def find_duplicates(
             stage("rotated and mirrored copies")
             i, j, s = _merge_pairs(i, j, s, *_rotation_pairs(rotations, [r.path for r in reps], vecs, threshold))
         if verify and len(i):
+            from .graph import UnionFind
             from .verify import verify_pairs
 
             check = np.ones(len(i), bool) if accept_above is None else s < accept_above
-            stage(f"verifying {int(check.sum())} pairs geometrically")
-            verdicts = verify_pairs(store.path, reps, i[check], j[check], progress=verify_progress)
+            joined = None
+            if group == "connected":
+                joined = UnionFind(n)
+                joined.union_many(i[~check], j[~check])
+            stage(f"verifying up to {int(check.sum())} pairs geometrically")
+            picked = np.flatnonzero(check)
+            verdicts = verify_pairs(store.path, reps, i[picked], j[picked], s[picked], joined, verify_progress)
+            kept = verdicts.keep.copy()
+            if auto:  # a file that cannot be read now is judged by its cosine, as without verification
+                kept |= verdicts.unreadable & (s[picked] >= DEFAULT_THRESHOLD)
             keep_pair = ~check
-            keep_pair[np.flatnonzero(check)] = verdicts.keep
-            verified = {"pairs": int(check.sum()), "confirmed": int(verdicts.keep.sum()),
-                        "dropped": int((~verdicts.keep).sum()), "accepted_unchecked": int((~check).sum()),
-                        "accept_above": accept_above}  # fmt: skip
+            keep_pair[picked] = kept
+            verified = {"pairs": len(picked), "checked": verdicts.checked,
+                        "confirmed": int((verdicts.keep & (verdicts.inliers >= 0)).sum()),
+                        "implied": int((verdicts.inliers < 0).sum()),
+                        "dropped": int((~kept).sum()), "unreadable": int(verdicts.unreadable.sum()),
+                        "accepted_unchecked": int((~check).sum()), "accept_above": accept_above}  # fmt: skip
             i, j, s = i[keep_pair], j[keep_pair], s[keep_pair]
         stage(f"grouping {len(i)} pairs")
         if group == "star":
@@ -191,22 +212,57 @@ def find_duplicates(
     return DedupReport(threshold, groups, group, rules, verified)
 
 
-def explain_pair(idx: Any, a: Any, b: Any, threshold: float) -> tuple[str, dict[str, Any]]:
-    """The cosine score of two files and why they are or are not near duplicates at `threshold`."""
+def explain_pair(
+    idx: Any, a: Any, b: Any, threshold: float | None = None, verify: bool | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The cosine score of two files and why they are or are not near duplicates under find_duplicates' rules
+    (same `threshold` and `verify` meaning), with the geometric check's inliers when one applies."""
+    auto = verify is None and threshold is None
+    accept = ACCEPT_ABOVE if auto else None
+    if auto:
+        threshold, verify = AUTO_THRESHOLD, True
+    elif threshold is None:
+        threshold = VERIFY_THRESHOLD if verify else DEFAULT_THRESHOLD
     va, vb = idx.vector_for(a), idx.vector_for(b)
     score = float(min(1.0, np.dot(va, vb)))
     pa, pb = (os.path.abspath(os.path.expanduser(str(x))) for x in (a, b))
     ra, rb = idx.store.row_by_path(pa), idx.store.row_by_path(pb)
     same = bool(ra and rb and ra.sha256 == rb.sha256)
+    inliers = copy = None
     if same:
-        why = "byte-identical files (same sha256): an exact group"
-    elif score >= threshold:
-        why = f"score {score:.4f} >= threshold {threshold}: near duplicates"
+        why, grouped = "byte-identical files (same sha256): an exact group", True
+    elif score < threshold:
+        why, grouped = (
+            f"score {score:.4f} < threshold {threshold}: not grouped (lower --threshold to group them)",
+            False,
+        )
+    elif not verify:
+        why, grouped = f"score {score:.4f} >= threshold {threshold}: near duplicates", True
+    elif accept is not None and score >= accept:
+        why, grouped = f"score {score:.4f} >= {accept}: near duplicates without a geometric check", True
     else:
-        why = f"score {score:.4f} < threshold {threshold}: not grouped (lower --threshold to group them)"
+        inliers, copy = _check_pair(pa, pb)
+        grouped = copy
+        why = (f"score {score:.4f} >= threshold {threshold} and confirmed geometrically ({inliers} inliers, the "
+               f"images agree): near duplicates" if copy else
+               f"score {score:.4f} >= threshold {threshold} but not confirmed geometrically ({inliers} inliers"
+               f"{', the images differ where they overlap' if inliers else ''}): look-alikes, not grouped")  # fmt: skip
     text = f"{pa}\n{pb}\nscore: {score:.4f}\n{why}"
     return text, {"a": pa, "b": pb, "score": round(score, 6), "threshold": threshold,
-                  "exact": same, "grouped": same or score >= threshold, "reason": why}  # fmt: skip
+                  "exact": same, "grouped": grouped, "reason": why, "inliers": inliers}  # fmt: skip
+
+
+def _check_pair(pa: str, pb: str) -> tuple[int, bool]:
+    from ..spatial.copies import CHECK_SIDE, check_copy
+    from ..spatial.local_features import extract, grey_image
+    from ..spatial.matching import fit_homography, tentative_matches
+    from .verify import DEDUP_FEATURES, DEDUP_SIDE, MIN_INLIERS
+
+    fa, fb = (extract(p, DEDUP_FEATURES, DEDUP_SIDE) for p in (pa, pb))
+    v = fit_homography(fa, fb, tentative_matches(fa, [fb])[0])
+    if v.inliers < MIN_INLIERS or v.homography is None:
+        return v.inliers, False
+    return v.inliers, check_copy(grey_image(pa, CHECK_SIDE), grey_image(pb, CHECK_SIDE), v.homography).is_copy
 
 
 def _rotation_pairs(embedder: Any, paths: list[str], vecs: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:

@@ -18,9 +18,11 @@ from .local_features import MAX_SIDE, require_cv2
 CHECK_SIDE = 192  # longer side of the grey images compared
 GRID = 8  # cells per side
 MIN_CONTAINED = 0.80  # the more-covered image must lie at least this much inside the other
-MIN_AGREEMENT = 0.80  # share of compared cells that must agree
+MIN_AGREEMENT = 0.85  # share of compared cells that must agree
 CELL_NCC = 0.5
 FLAT_STD = 4.0
+STRONG_STD = 16.0  # texture this strong where the other image is flat is a real difference
+CLIPPED = (4.0, 251.0)  # grey levels at or beyond these have lost their detail to clipping
 
 
 @dataclass
@@ -72,14 +74,21 @@ def _agreement(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     h, w = a.shape
     ys = np.linspace(0, h, GRID + 1).astype(int)
     xs = np.linspace(0, w, GRID + 1).astype(int)
+    # pixels blown out or crushed in either image have lost their detail (a brightness edit clips): left out
+    usable = mask & (a > CLIPPED[0]) & (a < CLIPPED[1]) & (b > CLIPPED[0]) & (b < CLIPPED[1])
     agree = total = 0
     for y0, y1 in zip(ys[:-1], ys[1:], strict=True):
         for x0, x1 in zip(xs[:-1], xs[1:], strict=True):
             m = mask[y0:y1, x0:x1]
             if m.size == 0 or m.mean() < 0.9:
                 continue
-            ca, cb = a[y0:y1, x0:x1][m], b[y0:y1, x0:x1][m]
+            u = usable[y0:y1, x0:x1]
+            if u.mean() < 0.5:
+                continue  # mostly clipped: says nothing either way
+            ca, cb = a[y0:y1, x0:x1][u], b[y0:y1, x0:x1][u]
             sa, sb = ca.std(), cb.std()
+            if min(sa, sb) < FLAT_STD <= max(sa, sb) < STRONG_STD:
+                continue  # flat against faint texture: a clipping or smoothing edit looks like this
             total += 1
             if sa < FLAT_STD or sb < FLAT_STD:
                 agree += bool(sa < FLAT_STD and sb < FLAT_STD)

@@ -9,7 +9,7 @@ image's width and height, so features are independent of the working size.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ class LocalFeatures:
     height: int
     xy: np.ndarray
     desc: np.ndarray
+    _unit: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -52,10 +53,12 @@ class LocalFeatures:
         return (self.xy.astype(np.float32) * np.array([self.width * s, self.height * s], np.float32)).astype(np.float32)
 
     def unit_descriptors(self) -> np.ndarray:
-        """Descriptors as float32 rows of unit L2 norm (the quantisation step undone up to scale)."""
-        d = self.desc.astype(np.float32)
-        d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
-        return d
+        """Descriptors as float32 rows of unit L2 norm (the quantisation step undone up to scale); made once."""
+        if self._unit is None:
+            d = self.desc.astype(np.float32)
+            d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
+            self._unit = d
+        return self._unit
 
     def to_bytes(self) -> bytes:
         xy = np.ascontiguousarray(self.xy, dtype=np.float16)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .feature_store import FeatureStore
-from .local_features import LocalFeatures, extract
+from .local_features import MAX_FEATURES, MAX_SIDE, LocalFeatures, extract
 from .matching import MIN_INLIERS, Verification, verify
 
 DEFAULT_RERANK = 50  # candidates verified by `query --rerank` when asked without a number (benchmarks/instance.py)
@@ -23,8 +23,12 @@ DEFAULT_RERANK = 50  # candidates verified by `query --rerank` when asked withou
 class FeatureSource:
     """Local features of indexed files by (sha256, path): stored ones first, else extracted and cached."""
 
-    def __init__(self, index_dir: Path, cache_size: int = 4096) -> None:
+    def __init__(
+        self, index_dir: Path, cache_size: int = 4096, max_features: int | None = None, max_side: int | None = None
+    ) -> None:
+        """`max_features`/`max_side` set on-demand extraction (default: the stored features' settings)."""
         self.index_dir = Path(index_dir)
+        self.max_features, self.max_side = max_features, max_side
         self._store: FeatureStore | None = None
         self._cache: OrderedDict[str, LocalFeatures] = OrderedDict()
         self._cache_size = cache_size
@@ -37,20 +41,27 @@ class FeatureSource:
 
     def extract(self, source: Any) -> LocalFeatures:
         db = self._db()
-        return db.extract(source) if db is not None else extract(source)
+        settings = db.settings if db is not None else {}
+        return extract(source, self.max_features or int(settings.get("max_features", MAX_FEATURES)),
+                       self.max_side or int(settings.get("max_side", MAX_SIDE)))  # fmt: skip
 
-    def features(self, items: Sequence[tuple[str, str]]) -> list[LocalFeatures | None]:
-        """Features for each (sha256, path); None where the file can no longer be read."""
-        out: dict[str, LocalFeatures | None] = {}
+    def stored(self, shas: Sequence[str]) -> dict[str, LocalFeatures]:
+        """The features already at hand (cache or feature store), without reading any image."""
+        out: dict[str, LocalFeatures] = {}
         with self._lock:
-            for sha, _ in items:
+            for sha in shas:
                 if sha in self._cache:
                     self._cache.move_to_end(sha)
                     out[sha] = self._cache[sha]
             db = self._db()
-            want = [sha for sha, _ in items if sha not in out]
+            want = [sha for sha in shas if sha not in out]
             if db is not None and want:
                 out.update(db.get(want))
+        return out
+
+    def features(self, items: Sequence[tuple[str, str]]) -> list[LocalFeatures | None]:
+        """Features for each (sha256, path); None where the file can no longer be read."""
+        out: dict[str, LocalFeatures | None] = dict(self.stored([sha for sha, _ in items]))
         for sha, path in items:
             if sha not in out:
                 try:
