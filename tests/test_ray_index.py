@@ -119,6 +119,27 @@ def test_cli_on_ray_equals_local_and_reports_ray(ray_address: str, folder: Path,
     assert again["ray"] == {"address": ray_address, "workers": 0, "shards": 0}
 
 
+def test_ivf_filled_from_per_shard_sub_indexes_equals_the_serial_build(
+    ray_address: str, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simsearch.api import SimIndex
+
+    kind = ["--index-type", "IVF4,Flat"]
+    assert run("index", folder, "--index", tmp_path / "serial", *MODEL, *kind).returncode == 0
+    monkeypatch.setenv("SIMSEARCH_RAY_MERGE", "1")  # a 2-CPU local Ray would otherwise leave the fill to the driver
+    out = run_json("index", folder, "--index", tmp_path / "merged", *MODEL, *kind, "--ray", ray_address,
+                   "--workers", "2")  # fmt: skip
+    assert out["ray"]["merge"]["shards"] == 1 and out["ray"]["merge"]["fill_s"] > 0
+    with SimIndex.open(tmp_path / "serial") as a, SimIndex.open(tmp_path / "merged") as b:
+        fill = b.store.manifest["search"]["fill"]
+        assert fill["by"] == "ray" and a.store.manifest["search"]["fill"]["by"] == "driver"
+        assert b.store.faiss_index.ntotal == a.store.faiss_index.ntotal == N_IMAGES
+        queries = np.stack([v for _, v in sorted(vectors_by_path(tmp_path / "serial").items())])
+        sa, ia = a.store.search(queries, 5, param=1)
+        sb, ib = b.store.search(queries, 5, param=1)
+    assert np.array_equal(ia, ib) and np.allclose(sa, sb)
+
+
 def test_sync_new_changed_removed_through_ray(ray_address: str, folder: Path, tmp_path: Path) -> None:
     from simsearch.api import SimIndex
 

@@ -252,6 +252,10 @@ class RayEmbedder:
         self.info: dict[str, Any] = {"address": address, "workers": 0, "shards": 0}
         self._started = False
         self._batches: Any = None
+        # per-shard sub-indexes merged on the driver: on a cluster of more cores than this machine, from
+        # MERGE_MIN_VECTORS; SIMSEARCH_RAY_MERGE=1 forces it at any size (tests, benchmarks/distributed.py)
+        self.force_merge = os.environ.get("SIMSEARCH_RAY_MERGE") == "1"
+        self.merge_min = 0 if self.force_merge else MERGE_MIN_VECTORS
 
     def embed_files(
         self, paths: Iterable[str], known_hash: Callable[[str], bool] | None = None
@@ -323,6 +327,26 @@ def _timings(t0: float, began: float, ended: float, files: int) -> dict[str, flo
     return {"start_s": round(float(began - t0), 3), "steady_img_s": round(float(files / max(ended - began, 1e-9)), 1)}
 
 
+MERGE_MIN_VECTORS = 200_000  # below this the serial fill takes seconds: not worth shipping vectors
+
+
+def _fill_on_ray(remote: RayEmbedder, index: Any, ids: np.ndarray, read: Callable) -> dict[str, Any] | None:
+    """Fill an inverted-file structure through per-shard sub-indexes on Ray (index.merge), when the cluster has
+    more cores than this machine: on one machine FAISS already fills on every core, and shipping the vectors
+    only adds time (benchmarks/distributed.py --merge). None leaves the fill to the driver."""
+    from .merge import fill_with_ray, is_ivf
+
+    ray = require_ray()
+    if not ray.is_initialized() or len(ids) < remote.merge_min or not is_ivf(index):
+        return None
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if cpus <= (os.cpu_count() or 1) and not remote.force_merge:
+        return None
+    info = fill_with_ray(ray, index, read, ids, remote.info.get("workers") or 1)
+    remote.info["merge"] = info
+    return {"by": "ray", **info}
+
+
 def _actor_pool(ray: Any, workers: int) -> Any:
     """A fixed pool of `workers` actors, each embedding CALLS_PER_ACTOR shards at once, so that it does not idle
     between shards; older Ray Data runs one shard at a time."""
@@ -374,11 +398,13 @@ def sync_with_ray(
     """
     require_ray()
     remote = RayEmbedder(embedder, address, workers, shard_size=commit_every)
+    store.fill_structure = lambda index, ids, read: _fill_on_ray(remote, index, ids, read)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             try:
                 report = sync_folder(store, lambda: remote, folder, progress=progress, commit_every=commit_every)
             finally:
+                store.fill_structure = None
                 remote.close()
     except SyncInterrupted as e:
         e.report.ray = remote.info

@@ -205,6 +205,9 @@ class IndexStore:
         self._stats: tuple[int, int, int] | None = None  # (generation, count, max id), read once per generation
         self.index_type = manifest.get("index_type", "auto")
         self.memory_budget: int | None = manifest.get("memory_budget")
+        # set by a Ray sync: fills a trained, empty structure from every stored vector elsewhere (index.merge), or
+        # returns None to leave it to this process
+        self.fill_structure: Callable[[Any, np.ndarray, Callable], dict[str, Any] | None] | None = None
 
     # ---- creation and opening -------------------------------------------------------------------------------
     @staticmethod
@@ -710,9 +713,15 @@ class IndexStore:
         rng = np.random.default_rng(0)
         sample_ids = np.sort(rng.choice(ids_all, min(len(ids_all), training_sample_size(plan)), replace=False))
         index = build(plan, self.dim, self.vectors_file.read(sample_ids))
-        for a in range(0, len(ids_all), 65536):
-            part = ids_all[a : a + 65536]
-            index.add_with_ids(self.vectors_file.read(part), part)
+        t_train = time.perf_counter() - t0
+        fill = self.fill_structure(index, ids_all, self.vectors_file.read) if self.fill_structure else None
+        if fill is None:
+            for a in range(0, len(ids_all), 65536):
+                part = ids_all[a : a + 65536]
+                index.add_with_ids(self.vectors_file.read(part), part)
+            fill = {"by": "driver"}
+        fill["train_s"] = round(t_train, 2)
+        fill["fill_s"] = round(time.perf_counter() - t0 - t_train, 2)
         self._index, self._index_loaded, self._index_writable = index, True, True
         t_build = time.perf_counter() - t0
         q_ids = np.sort(rng.choice(ids_all, min(len(ids_all), 200), replace=False))
@@ -722,7 +731,7 @@ class IndexStore:
         truth = [set(row[row >= 0].tolist()) - {int(q)} for row, q in zip(exact, q_ids, strict=True)]
         tuned = tune(index, queries, truth, self.rescore_fn(), exclude=q_ids)
         return index, {**plan.to_json(), **tuned, "trained_on": n, "build_seconds": round(t_build, 2),
-                       "tune_seconds": round(time.perf_counter() - t0 - t_build, 2)}  # fmt: skip
+                       "tune_seconds": round(time.perf_counter() - t0 - t_build, 2), "fill": fill}  # fmt: skip
 
     def reset(self, signature: dict[str, Any]) -> None:
         """Drop every row and adopt a new signature in one transaction (used by --rebuild)."""
