@@ -124,5 +124,5 @@ def test_rmac_pooling_runs_through_tflite_like_keras() -> None:
     v = lite.embed(photos).vectors
     k = Embedder(pooling="rmac", fit="crop", input_size=320, engine="keras").embed(photos).vectors
     np.testing.assert_allclose(np.sum(v * k, axis=1), 1.0, atol=1e-4)
-    avg = Embedder(fit="crop", input_size=320).embed(photos).vectors
+    avg = Embedder(pooling="avg", fit="crop", input_size=320).embed(photos).vectors
     assert np.all(np.sum(v * avg, axis=1) < 0.99)  # a different descriptor, not average pooling renamed
