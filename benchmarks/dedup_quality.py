@@ -56,6 +56,36 @@ def make_edits(src: Path, out: Path) -> list[Path]:
     return paths
 
 
+def rotated_copies(clothing: Path, images: list[Path]) -> list[Path]:
+    """The rotated/ copies whose original is among `images`."""
+    have = set(images)
+    return [r for r in sorted((clothing / "rotated").glob("*.jpg")) if (clothing / "images" / r.name) in have]
+
+
+def edit_set(clothing: Path, images: list[Path], n_edits: int, out: Path) -> tuple[list[Path], np.ndarray]:
+    """Generated edits of a seeded sample of `images` (written to `out`) and the origin of every file.
+
+    Returns (edits, origin) where origin covers images + edits + rotated copies (see `rotated_copies`), in that
+    order: the index in `images` of the photo each file comes from (byte-identical files share one origin).
+    """
+    rng = np.random.default_rng(0)
+    sample = sorted(rng.choice(len(images), size=min(n_edits, len(images)), replace=False).tolist())
+    edits, edit_origin = [], []
+    for k in sample:
+        for p in make_edits(images[k], out):
+            edits.append(p)
+            edit_origin.append(k)
+    pos = {p.name: i for i, p in enumerate(images)}
+    rotated = rotated_copies(clothing, images)
+    origin = np.array(list(range(len(images))) + edit_origin + [pos[r.name] for r in rotated])
+    exact = [r for r in csv.DictReader(open(clothing / "duplicates.csv")) if r["kind"] == "exact"]
+    for r in exact:  # byte-identical files inside images/ share an origin
+        a, b = Path(r["a"]).name, Path(r["b"]).name
+        if a in pos and b in pos:
+            origin[origin == pos[b]] = pos[a]
+    return edits, origin
+
+
 def embed_paths(emb: Embedder, paths: list[Path]) -> np.ndarray:
     out = np.zeros((len(paths), emb.dim), np.float32)
     pos = {str(p): i for i, p in enumerate(paths)}
@@ -104,24 +134,12 @@ def main() -> int:
         print(f"no images in {args.clothing / 'images'}", file=sys.stderr)
         return 1
     labels_by_id = {r["image"]: r["label"] for r in csv.DictReader(open(args.clothing / "images.csv"))}
-    rotated = sorted((args.clothing / "rotated").glob("*.jpg"))
-    rotated = [r for r in rotated if (args.clothing / "images" / r.name) in set(images)]
-    rng = np.random.default_rng(0)
-    sample = sorted(rng.choice(len(images), size=min(args.edits, len(images)), replace=False).tolist())
+    rotated = rotated_copies(args.clothing, images)
     results = {}
     with tempfile.TemporaryDirectory(prefix="simsearch-edits-") as tmp:
-        edits, edit_origin = [], []
-        for k in sample:
-            for p in make_edits(images[k], Path(tmp)):
-                edits.append(p)
-                edit_origin.append(k)
+        edits, origin = edit_set(args.clothing, images, args.edits, Path(tmp))
+        edit_origin = origin[len(images) : len(images) + len(edits)].tolist()
         pos = {p.name: i for i, p in enumerate(images)}
-        origin = np.array(list(range(len(images))) + edit_origin + [pos[r.name] for r in rotated])
-        exact = [r for r in csv.DictReader(open(args.clothing / "duplicates.csv")) if r["kind"] == "exact"]
-        for r in exact:  # byte-identical files inside images/ share an origin
-            a, b = Path(r["a"]).name, Path(r["b"]).name
-            if a in pos and b in pos:
-                origin[origin == pos[b]] = pos[a]
         for fit in args.fits.split(","):
             emb = Embedder(args.backbone, fit=fit)
             t = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import BadInputError, IndexMismatchError
 from .index.store import IndexStore
 from .index.sync import ProgressFn, SyncReport, sync_folder
-from .models.backbones import DEFAULT_BACKBONE
+from .models.backbones import DEFAULT_BACKBONE, DEFAULT_POOLING
 
 
 @dataclass
@@ -60,7 +60,7 @@ class SimIndex:
         path: str | Path,
         backbone: str = DEFAULT_BACKBONE,
         weights: str | Path | None = "imagenet",
-        pooling: str = "avg",
+        pooling: str = DEFAULT_POOLING,
         fit: str | None = None,
         precision: str | None = None,
         engine: str = "auto",

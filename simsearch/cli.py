@@ -107,7 +107,7 @@ def index_cmd(
     weights: Annotated[
         str | None, typer.Option("--weights", "-w", help="'imagenet', 'none', or a local weights file.")
     ] = None,
-    pooling: Annotated[str | None, typer.Option("--pooling", help="avg, max or gem.")] = None,
+    pooling: Annotated[str | None, typer.Option("--pooling", help="rmac (default), avg, max or gem.")] = None,
     fit: Annotated[str | None, typer.Option("--fit", help="resize (whole image), crop (centre) or pad.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or int8 (TFLite engine).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="auto (TFLite, else Keras), tflite or keras.")] = "auto",

@@ -12,6 +12,7 @@ from simsearch.models.backbones import (
     load_backbone,
     normalise_name,
     resolve,
+    rmac_regions,
 )
 
 # A representative sample (one per family) builds in the default run; SIMSEARCH_ALL_BACKBONES=1 builds all.
@@ -76,6 +77,33 @@ def test_pooling_modes_differ_and_builds_are_reproducible(tmp_path) -> None:
         np.testing.assert_array_equal(np.asarray(wa), np.asarray(wb))
     with pytest.raises(BadInputError):
         load_backbone("mobilenet_v3_small", weights=None, pooling="median")
+
+
+def test_rmac_regions_of_square_and_oblong_maps() -> None:
+    assert rmac_regions(7, 7) == [(0, 0, 7, 7)] + [(y, x, 4, 4) for y in (0, 3) for x in (0, 3)] + [
+        (y, x, 3, 3) for y in (0, 2, 4) for x in (0, 2, 4)
+    ]
+    wide = rmac_regions(7, 10)
+    assert wide[0] == (0, 1, 7, 7) and len(wide) == 1 + 2 * 3 + 3 * 4
+    assert all(y + h <= 7 and x + w <= 10 for y, x, h, w in wide)
+
+
+def test_rmac_pooling_sums_normalised_region_maxima(tmp_path) -> None:
+    import keras
+
+    path = _conv_model_file(tmp_path)
+    x = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3)).astype(np.uint8)
+    bb = load_backbone(str(path), pooling="rmac", preprocess="unit")
+    got = np.asarray(bb.model(bb.preprocess(x)))
+    fmap = np.asarray(keras.saving.load_model(path)(bb.preprocess(x)))  # (2, 23, 23, 8)
+    want = np.zeros((2, 8), np.float32)
+    for y0, x0, h, w in rmac_regions(23, 23):
+        r = fmap[:, y0 : y0 + h, x0 : x0 + w].max(axis=(1, 2))
+        want += r / np.linalg.norm(r, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    mx = np.asarray(load_backbone(str(path), pooling="max", preprocess="unit").model(bb.preprocess(x)))
+    cos = np.sum(got * mx, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(mx, axis=1)
+    assert np.all(cos < 0.9999)  # regions weigh in: not just global max pooling
 
 
 def test_user_keras_model_file_is_a_backbone(tmp_path) -> None:

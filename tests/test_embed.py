@@ -115,3 +115,14 @@ def test_a_model_failure_in_the_pipeline_reaches_the_caller(embedder: Embedder, 
     e.engine = Broken()
     with pytest.raises(RuntimeError, match="engine exploded"):
         list(e.embed_files([str(p)] * 3))
+
+
+def test_rmac_pooling_runs_through_tflite_like_keras() -> None:
+    photos = [skimage_photo(n) for n in ("astronaut", "coffee", "chelsea")]
+    lite = Embedder(pooling="rmac", fit="crop", input_size=320)
+    assert lite.engine_name.startswith("tflite") and lite.signature()["pooling"] == "rmac"
+    v = lite.embed(photos).vectors
+    k = Embedder(pooling="rmac", fit="crop", input_size=320, engine="keras").embed(photos).vectors
+    np.testing.assert_allclose(np.sum(v * k, axis=1), 1.0, atol=1e-4)
+    avg = Embedder(pooling="avg", fit="crop", input_size=320).embed(photos).vectors
+    assert np.all(np.sum(v * avg, axis=1) < 0.99)  # a different descriptor, not average pooling renamed

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..images import FITS, ImageLoadError, load_encoded, load_image
-from .backbones import DEFAULT_BACKBONE, Backbone, BackboneSpec, resolve_backbone
+from .backbones import DEFAULT_BACKBONE, DEFAULT_POOLING, Backbone, BackboneSpec, resolve_backbone
 
 DEFAULT_FIT = "resize"
 ENGINES = ("auto", "tflite", "keras")
@@ -107,7 +107,7 @@ class Embedder:
         self,
         backbone: str | BackboneSpec | Backbone = DEFAULT_BACKBONE,
         weights: str | Path | None = "imagenet",
-        pooling: str = "avg",
+        pooling: str = DEFAULT_POOLING,
         fit: str = DEFAULT_FIT,
         batch_size: int = 32,
         engine: str = "auto",
@@ -384,7 +384,7 @@ def embed(
     items: Iterable[Any],
     backbone: str | Path = DEFAULT_BACKBONE,
     weights: str | Path | None = "imagenet",
-    pooling: str = "avg",
+    pooling: str = DEFAULT_POOLING,
     fit: str = DEFAULT_FIT,
     engine: str = "auto",
     precision: str = DEFAULT_PRECISION,
