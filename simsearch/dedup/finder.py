@@ -19,6 +19,7 @@ from ..index.store import IndexStore, Row
 
 DEFAULT_THRESHOLD = 0.90  # cosine alone (--no-verify, or an explicit --threshold): best F1 on clothing + edits
 AUTO_THRESHOLD = 0.86  # the default: candidates from here are confirmed geometrically (benchmarks/dedup_peer.py)
+AUTO_THRESHOLDS = {"rmac": 0.88}  # by pooling: R-MAC scores copies higher (group recall 0.998 at 0.88 vs 0.987)
 ACCEPT_ABOVE = 0.97  # the default: pairs at or above are copies without a check (no look-alike scores this high)
 VERIFY_THRESHOLD = 0.80  # candidates for --verify, which checks every pair
 GROUP_MODES = ("connected", "star")
@@ -71,6 +72,11 @@ class DedupReport:
             "keep": list(self.keep_rules),
             **({"verified": self.verified} if self.verified is not None else {}),
         }
+
+
+def auto_threshold(store: IndexStore) -> float:
+    """Where the default's geometrically confirmed band starts, for this index's pooling."""
+    return AUTO_THRESHOLDS.get(str(store.signature.get("pooling")), AUTO_THRESHOLD)
 
 
 def parse_keep(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -132,7 +138,8 @@ def find_duplicates(
     """
     auto = verify is None and threshold is None
     if auto:
-        threshold, verify, accept_above = AUTO_THRESHOLD, True, ACCEPT_ABOVE if accept_above is None else accept_above
+        threshold, verify = auto_threshold(store), True
+        accept_above = ACCEPT_ABOVE if accept_above is None else accept_above
     elif threshold is None:
         threshold = VERIFY_THRESHOLD if verify else DEFAULT_THRESHOLD
     stage = progress or (lambda _text: None)
@@ -220,7 +227,7 @@ def explain_pair(
     auto = verify is None and threshold is None
     accept = ACCEPT_ABOVE if auto else None
     if auto:
-        threshold, verify = AUTO_THRESHOLD, True
+        threshold, verify = auto_threshold(idx.store), True
     elif threshold is None:
         threshold = VERIFY_THRESHOLD if verify else DEFAULT_THRESHOLD
     va, vb = idx.vector_for(a), idx.vector_for(b)
