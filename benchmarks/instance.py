@@ -418,10 +418,16 @@ def rerank_section(images, vec, phones, owner, views, scenes, n_check: int, opti
     vectors, then SimIndex.search on `n_check` phone photos (top-1 must equal this file's ranking: a check that the
     library embeds queries as this file does), then the re-ranking rows on top of that global descriptor."""
     out = []
+    shared = None  # one local-features cache for every option: each photo's features are extracted once
     for fit, size, pool in options:
         with tempfile.TemporaryDirectory(prefix="simsearch-instance-index-") as tmp:
             name = label({"fit": fit, "size": size, "pool": pool})
             index = SimIndex.create(Path(tmp, "phone"), fit=fit, pooling=pool, input_size=size)
+            if "rerank" in inspect.signature(SimIndex.search).parameters:
+                from simsearch.spatial.rerank import FeatureSource
+
+                shared = shared or FeatureSource(Path(tmp), cache_size=len(images) + len(phones) + len(views) + 1)
+                index._features = shared
             index.add_vectors([str(p) for p in images], vec["db", fit, size][pool])
             mine = top_k(vec["phone", fit, size][pool][:n_check], vec["db", fit, size][pool], 1)[:, 0]
             index.search(str(phones[0]), k=10)  # build the model before timing
@@ -435,6 +441,7 @@ def rerank_section(images, vec, phones, owner, views, scenes, n_check: int, opti
                     for r in rerank_rows(index, phones, [{str(images[i])} for i in owner], False)]  # fmt: skip
             if views and rows:
                 vindex = SimIndex.create(Path(tmp, "views"), fit=fit, pooling=pool, input_size=size)
+                vindex._features = shared
                 vindex.add_vectors([str(p) for p in views], vec["views", fit, size][pool])
                 rel = [
                     {str(p) for p, s in zip(views, scenes, strict=True) if s == sc and p != q}

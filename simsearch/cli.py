@@ -399,7 +399,9 @@ def dedup_cmd(
     n_exact = sum(g.kind == "exact" for g in report.groups)
     if report.verified:
         v = report.verified
-        above = f", {v['accepted_unchecked']} at {v['accept_above']} or more accepted" if v["accept_above"] else ""
+        above = ""
+        if v["accept_above"]:
+            above = f"; {v['accepted_unchecked']} at {v['accept_above']} or more kept unchecked"
         typer.echo(f"verified {v['checked']} pairs geometrically: {v['confirmed']} confirmed, {v['dropped']} dropped "
                    f"as look-alikes ({v['implied']} implied by confirmed pairs{above}).")  # fmt: skip
     typer.echo(

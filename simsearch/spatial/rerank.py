@@ -7,9 +7,11 @@ indexed file on demand (kept in a small in-process cache, so a server pays once 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ class FeatureSource:
         """`max_features`/`max_side` set on-demand extraction (default: the stored features' settings)."""
         self.index_dir = Path(index_dir)
         self.max_features, self.max_side = max_features, max_side
+        self.threads = max(1, min(4, os.cpu_count() or 1))
         self._store: FeatureStore | None = None
         self._cache: OrderedDict[str, LocalFeatures] = OrderedDict()
         self._cache_size = cache_size
@@ -61,13 +64,20 @@ class FeatureSource:
 
     def features(self, items: Sequence[tuple[str, str]]) -> list[LocalFeatures | None]:
         """Features for each (sha256, path); None where the file can no longer be read."""
+        # imported vectors have no content hash: their files are known by path
+        items = [(f"path:{p}" if sha.startswith("vector:") else sha, p) for sha, p in items]
         out: dict[str, LocalFeatures | None] = dict(self.stored([sha for sha, _ in items]))
-        for sha, path in items:
-            if sha not in out:
-                try:
-                    out[sha] = self.extract(path)
-                except Exception:  # moved or damaged since indexing: it just is not verified
-                    out[sha] = None
+        missing = list(dict.fromkeys((sha, p) for sha, p in items if sha not in out))
+
+        def one(item: tuple[str, str]) -> LocalFeatures | None:
+            try:
+                return self.extract(item[1])
+            except Exception:  # moved or damaged since indexing: it just is not verified
+                return None
+
+        if missing:
+            with ThreadPoolExecutor(min(self.threads, len(missing))) as pool:  # OpenCV and Pillow release the GIL
+                out.update(zip((sha for sha, _ in missing), pool.map(one, missing), strict=True))
         with self._lock:
             for sha, f in out.items():
                 if f is not None:
