@@ -19,7 +19,7 @@ import numpy as np
 from .graph import UnionFind
 
 MIN_INLIERS = 10  # fewer than for re-ranking: the image comparison that follows is the stricter test
-DEDUP_FEATURES, DEDUP_SIDE = 256, 320  # on-demand features: as accurate on copies as 512 at 512, 2-3x faster
+DEDUP_FEATURES, DEDUP_SIDE = 256, 256  # on-demand features: as accurate on copies as 512 at 512, 2-3x faster
 _CHUNK = 256
 
 
