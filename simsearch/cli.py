@@ -403,7 +403,8 @@ def dedup_cmd(
         if v["accept_above"]:
             above = f"; {v['accepted_unchecked']} at {v['accept_above']} or more kept unchecked"
         typer.echo(f"verified {v['checked']} pairs geometrically: {v['confirmed']} confirmed, {v['dropped']} dropped "
-                   f"as look-alikes ({v['implied']} implied by confirmed pairs{above}).")  # fmt: skip
+                   f"({v['implied']} implied by confirmed pairs; {v['no_verdict']} without a verdict, judged by "
+                   f"cosine{above}).")  # fmt: skip
     typer.echo(
         f"{len(report.groups)} groups ({n_exact} exact, {len(report.groups) - n_exact} near at threshold "
         f"{report.threshold}); {report.duplicates} files could be removed."

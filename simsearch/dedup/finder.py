@@ -191,14 +191,14 @@ def find_duplicates(
             picked = np.flatnonzero(check)
             verdicts = verify_pairs(store.path, reps, i[picked], j[picked], s[picked], joined, verify_progress)
             kept = verdicts.keep.copy()
-            if auto:  # a file that cannot be read now is judged by its cosine, as without verification
-                kept |= verdicts.unreadable & (s[picked] >= DEFAULT_THRESHOLD)
+            if auto:  # no verdict (unreadable, or too few keypoints to tell): judged by cosine, as without verification
+                kept |= verdicts.no_verdict & (s[picked] >= DEFAULT_THRESHOLD)
             keep_pair = ~check
             keep_pair[picked] = kept
             verified = {"pairs": len(picked), "checked": verdicts.checked,
                         "confirmed": int((verdicts.keep & (verdicts.inliers >= 0)).sum()),
                         "implied": int((verdicts.inliers < 0).sum()),
-                        "dropped": int((~kept).sum()), "unreadable": int(verdicts.unreadable.sum()),
+                        "dropped": int((~kept).sum()), "no_verdict": int(verdicts.no_verdict.sum()),
                         "accepted_unchecked": int((~check).sum()), "accept_above": accept_above}  # fmt: skip
             i, j, s = i[keep_pair], j[keep_pair], s[keep_pair]
         stage(f"grouping {len(i)} pairs")
@@ -249,24 +249,30 @@ def explain_pair(
         why, grouped = f"score {score:.4f} >= {accept}: near duplicates without a geometric check", True
     else:
         inliers, copy = _check_pair(pa, pb)
-        grouped = copy
+        grouped = bool(copy)
         why = (f"score {score:.4f} >= threshold {threshold} and confirmed geometrically ({inliers} inliers, the "
                f"images agree): near duplicates" if copy else
                f"score {score:.4f} >= threshold {threshold} but not confirmed geometrically ({inliers} inliers"
                f"{', the images differ where they overlap' if inliers else ''}): look-alikes, not grouped")  # fmt: skip
+        if copy is None:  # too few keypoints to tell
+            grouped = auto and score >= DEFAULT_THRESHOLD
+            why = (f"score {score:.4f}; too little texture for a geometric check ({inliers} inliers), so judged by "
+                   f"cosine: {'near duplicates' if grouped else 'not grouped'} (threshold {DEFAULT_THRESHOLD})")  # fmt: skip
     text = f"{pa}\n{pb}\nscore: {score:.4f}\n{why}"
     return text, {"a": pa, "b": pb, "score": round(score, 6), "threshold": threshold,
                   "exact": same, "grouped": grouped, "reason": why, "inliers": inliers}  # fmt: skip
 
 
-def _check_pair(pa: str, pb: str) -> tuple[int, bool]:
+def _check_pair(pa: str, pb: str) -> tuple[int, bool | None]:
     from ..spatial.copies import CHECK_SIDE, check_copy
     from ..spatial.local_features import extract, grey_image
     from ..spatial.matching import fit_homography, tentative_matches
-    from .verify import DEDUP_FEATURES, DEDUP_SIDE, MIN_INLIERS
+    from .verify import DEDUP_FEATURES, DEDUP_SIDE, MIN_INLIERS, MIN_KEYPOINTS
 
     fa, fb = (extract(p, DEDUP_FEATURES, DEDUP_SIDE) for p in (pa, pb))
     v = fit_homography(fa, fb, tentative_matches(fa, [fb])[0])
+    if v.inliers < MIN_INLIERS and min(len(fa), len(fb)) < MIN_KEYPOINTS:
+        return v.inliers, None
     if v.inliers < MIN_INLIERS or v.homography is None:
         return v.inliers, False
     return v.inliers, check_copy(grey_image(pa, CHECK_SIDE), grey_image(pb, CHECK_SIDE), v.homography).is_copy

@@ -19,7 +19,8 @@ import numpy as np
 from .graph import UnionFind
 
 MIN_INLIERS = 10  # fewer than for re-ranking: the image comparison that follows is the stricter test
-DEDUP_FEATURES, DEDUP_SIDE = 256, 256  # on-demand features: as accurate on copies as 512 at 512, 2-3x faster
+MIN_KEYPOINTS = 64  # too few inliers between images this poor in texture (flat, smooth, tiny) prove nothing
+DEDUP_FEATURES, DEDUP_SIDE = 256, 320  # on-demand features: as accurate on copies as 512 at 512, 2x faster
 _CHUNK = 256
 
 
@@ -27,11 +28,11 @@ _CHUNK = 256
 class PairVerdicts:
     keep: np.ndarray  # bool per pair: confirmed, or implied by confirmed pairs (connected mode)
     inliers: np.ndarray  # int per pair; -1 where not checked because already implied
-    unreadable: np.ndarray  # bool per pair: a file could not be read, so no verdict
+    no_verdict: np.ndarray  # bool per pair: no verdict (a file could not be read, or has too few keypoints)
 
     @property
     def checked(self) -> int:
-        return int(((self.inliers >= 0) & ~self.unreadable).sum())
+        return int(((self.inliers >= 0) & ~self.no_verdict).sum())
 
 
 def verify_pairs(
@@ -56,7 +57,7 @@ def verify_pairs(
     n = len(i)
     keep = np.zeros(n, bool)
     inliers = np.full(n, -1, np.int32)
-    unreadable = np.zeros(n, bool)
+    no_verdict = np.zeros(n, bool)
     source = FeatureSource(index_dir)
     feats: dict[int, LocalFeatures | None] = {}
     greys: dict[int, np.ndarray | None] = {}
@@ -77,6 +78,8 @@ def verify_pairs(
         if fa is None or fb is None or ga is None or gb is None:
             return k, 0, False, True
         v = fit_homography(fa, fb, tentative_matches(fa, [fb])[0])
+        if v.inliers < MIN_INLIERS and min(len(fa), len(fb)) < MIN_KEYPOINTS:
+            return k, v.inliers, False, True  # too little texture to tell either way
         ok = v.inliers >= MIN_INLIERS and v.homography is not None and check_copy(ga, gb, v.homography).is_copy
         return k, v.inliers, ok, False
 
@@ -93,7 +96,7 @@ def verify_pairs(
                 need = sorted({int(x) for k in chunk for x in (i[k], j[k])} - feats.keys())
                 list(pool.map(prepare, need))
                 for k, count, ok, bad in pool.map(judge, chunk.tolist()):
-                    inliers[k], keep[k], unreadable[k] = count, ok, bad
+                    inliers[k], keep[k], no_verdict[k] = count, ok, bad
                     if ok and joined is not None:
                         joined.union(int(i[k]), int(j[k]))
                 done = min(n, a + _CHUNK)
@@ -101,4 +104,4 @@ def verify_pairs(
                     progress(done, n)
     finally:
         source.close()
-    return PairVerdicts(keep, inliers, unreadable)
+    return PairVerdicts(keep, inliers, no_verdict)
