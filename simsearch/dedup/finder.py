@@ -256,8 +256,9 @@ def explain_pair(
                f"{', the images differ where they overlap' if inliers else ''}): look-alikes, not grouped")  # fmt: skip
         if copy is None:  # too few keypoints to tell
             grouped = auto and score >= DEFAULT_THRESHOLD
+            verdict = "near duplicates" if grouped else "not grouped"
             why = (f"score {score:.4f}; too little texture for a geometric check ({inliers} inliers), so judged by "
-                   f"cosine: {'near duplicates' if grouped else 'not grouped'} (threshold {DEFAULT_THRESHOLD})")  # fmt: skip
+                   f"cosine: {verdict} (threshold {DEFAULT_THRESHOLD})")  # fmt: skip
     text = f"{pa}\n{pb}\nscore: {score:.4f}\n{why}"
     return text, {"a": pa, "b": pb, "score": round(score, 6), "threshold": threshold,
                   "exact": same, "grouped": grouped, "reason": why, "inliers": inliers}  # fmt: skip
