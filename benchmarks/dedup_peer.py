@@ -48,6 +48,8 @@ import numpy as np
 from child_rss import CLI, PEAK, run
 from dedup_quality import EDITS, make_edits
 
+from simsearch.dedup.graph import UnionFind
+
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = (*EDITS, "edit-edit", "exact", "rotated")
 GRID = tuple(round(0.70 + 0.02 * k, 2) for k in range(14))  # 0.70 .. 0.96
@@ -194,21 +196,12 @@ class Truth:
     def score_groups(self, groups: list[list[str]]) -> dict:
         """Groups (merged when they share a file) as all their within-group pairs."""
         n = len(self.names)
-        parent = np.arange(n)
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
+        sets = UnionFind(n)
         for g in groups:
             ids = [self.index_of(p) for p in g]
             for x in ids[1:]:
-                ra, rb = find(ids[0]), find(x)
-                if ra != rb:
-                    parent[rb] = ra
-        label = np.array([find(x) for x in range(n)])
+                sets.union(ids[0], x)
+        label = sets.roots()
         _, sizes = np.unique(label, return_counts=True)
         found = int((sizes * (sizes - 1) // 2).sum())
         hit = label[self.pa] == label[self.pb]
@@ -327,24 +320,15 @@ def threshold_analysis(vecs: np.ndarray, truth: Truth, default: float) -> dict:
         keep = (s >= high) | (inb & same)
         gtp, gfound = group_scores(n, i[keep], j[keep], truth)
         # a pair whose files are already in one group needs no check: best first, skip those
-        parent = np.arange(n)
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for a, b in zip(i[s >= high], j[s >= high], strict=True):
-            parent[find(int(a))] = find(int(b))
+        sets = UnionFind(n)
+        sets.union_many(i[s >= high], j[s >= high])
         checks, described = 0, set()
         for k in np.nonzero(inb)[0][np.argsort(-s[inb], kind="stable")]:
-            ra, rb = find(int(i[k])), find(int(j[k]))
-            if ra != rb:
+            if not sets.connected(int(i[k]), int(j[k])):
                 checks += 1
                 described.update((int(i[k]), int(j[k])))
                 if same[k]:
-                    parent[ra] = rb
+                    sets.union(int(i[k]), int(j[k]))
         return {"low": round(low, 4), "high": high, "pairs": int(inb.sum()), "true": int((inb & same).sum()),
                 "false": int((inb & ~same).sum()), "false_two_photos": int((inb & ~same & two_photos).sum()),
                 "checks_skipping_grouped": checks, "files_in_checks": len(described),

@@ -39,6 +39,19 @@ def warp_into(poster: np.ndarray, background: np.ndarray, corners: list[list[int
     return np.where(mask[..., None] > 0, warped, background)
 
 
+def indexed(folder: Path, idx: Path) -> Path:
+    assert CliRunner().invoke(app, ["index", str(folder), "--index", str(idx)]).exit_code == 0
+    return idx
+
+
+def dedup_groups(idx: Path, *extra: str) -> tuple[list[set[str]], dict]:
+    """`simsearch dedup --json` groups as sets of file names (sorted), and the whole report."""
+    r = CliRunner().invoke(app, ["dedup", "--index", str(idx), "--json", *extra])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    return sorted(({Path(f).name for f in g["files"]} for g in out["groups"]), key=sorted), out
+
+
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A folder with a planar poster and busy look-alike distractors, and a query: the poster photographed at an
@@ -126,18 +139,10 @@ def test_dedup_verify_keeps_a_crop_and_drops_another_photo_of_the_same_backgroun
     Image.fromarray(second).save(folder / "second.jpg", quality=90)
     Image.fromarray(first[40:440, 50:600]).save(folder / "first-crop.jpg", quality=85)
     Image.fromarray(skimage_photo("coffee")).save(folder / "coffee.jpg", quality=90)
-    idx = tmp_path / "idx"
-    assert CliRunner().invoke(app, ["index", str(folder), "--index", str(idx)]).exit_code == 0
-
-    def groups(*extra: str) -> tuple[list[set[str]], dict]:
-        r = CliRunner().invoke(app, ["dedup", "--index", str(idx), "--json", *extra])
-        assert r.exit_code == 0, r.output
-        out = json.loads(r.stdout)
-        return [{Path(f).name for f in g["files"]} for g in out["groups"]], out
-
-    loose, _ = groups("--threshold", "0.3")
+    idx = indexed(folder, tmp_path / "idx")
+    loose, _ = dedup_groups(idx, "--threshold", "0.3")
     assert {"first.jpg", "second.jpg", "first-crop.jpg"} <= set().union(*loose)  # cosine alone groups them all
-    verified, out = groups("--threshold", "0.3", "--verify")
+    verified, out = dedup_groups(idx, "--threshold", "0.3", "--verify")
     assert verified == [{"first.jpg", "first-crop.jpg"}]
     assert out["verified"]["confirmed"] == 1 and out["verified"]["dropped"] >= 2
 
@@ -176,18 +181,10 @@ def test_default_dedup_confirms_copies_below_the_cosine_threshold(tmp_path: Path
         f = 0.16 if name == "chelsea" else 0.12
         im.crop((int(w * f), int(h * f), int(w * (1 - f)), int(h * (1 - f)))).save(folder / f"{name}-crop.jpg")
         ImageEnhance.Brightness(im).enhance(1.4).save(folder / f"{name}-bright.jpg", quality=85)
-    idx = tmp_path / "idx"
-    assert CliRunner().invoke(app, ["index", str(folder), "--index", str(idx)]).exit_code == 0
-
-    def groups(*extra: str) -> tuple[list[set[str]], dict]:
-        r = CliRunner().invoke(app, ["dedup", "--index", str(idx), "--json", *extra])
-        assert r.exit_code == 0, r.output
-        out = json.loads(r.stdout)
-        return sorted(({Path(f).name for f in g["files"]} for g in out["groups"]), key=sorted), out
-
-    found, out = groups()
+    idx = indexed(folder, tmp_path / "idx")
+    found, out = dedup_groups(idx)
     assert found == [{f"{n}.jpg", f"{n}-crop.jpg", f"{n}-bright.jpg"} for n in ("camera", "chelsea", "coffee")]
     assert out["threshold"] < 0.9 and out["verified"]["checked"] >= 1 and out["verified"]["dropped"] == 0
-    cosine_only, out = groups("--no-verify")
+    cosine_only, out = dedup_groups(idx, "--no-verify")
     assert "verified" not in out and out["threshold"] == 0.9
     assert {"chelsea.jpg", "chelsea-bright.jpg"} in cosine_only and "chelsea-crop.jpg" not in set().union(*cosine_only)
