@@ -266,11 +266,9 @@ class SimIndex:
             p = Path(query).expanduser()
             if not p.exists():
                 raise BadInputError(f"query image not found: {p}")
-            row = self.store.row_by_path(os.path.abspath(p))
+            row = self._query_row(p)
             if row is not None:
-                st = p.stat()
-                if st.st_size == row.size and st.st_mtime_ns == row.mtime_ns:
-                    return self.store.vectors([row.id])[0]
+                return self.store.vectors([row.id])[0]
             query = str(p)
         return self.embedder.embed_one(query)
 
@@ -310,10 +308,7 @@ class SimIndex:
         live = [m for m in matches if m.id in rows]
         cands = self._features.features([(rows[m.id].sha256, rows[m.id].path) for m in live])
         qrow = self._query_row(query)
-        if qrow is not None:
-            qf = self._features.features([(qrow.sha256, qrow.path)])[0]
-        else:
-            qf = None
+        qf = self._features.features([(qrow.sha256, qrow.path)])[0] if qrow is not None else None
         if qf is None:
             source = str(Path(query).expanduser()) if isinstance(query, (str, Path)) else query
             qf = self._features.extract(source)

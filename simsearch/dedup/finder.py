@@ -265,18 +265,10 @@ def explain_pair(
 
 
 def _check_pair(pa: str, pb: str) -> tuple[int, bool | None]:
-    from ..spatial.copies import CHECK_SIDE, check_copy
-    from ..spatial.local_features import extract, grey_image
-    from ..spatial.matching import fit_homography, tentative_matches
-    from .verify import DEDUP_FEATURES, DEDUP_SIDE, MIN_INLIERS, MIN_KEYPOINTS
+    from .verify import judge_pair, prepare_image
 
-    fa, fb = (extract(p, DEDUP_FEATURES, DEDUP_SIDE) for p in (pa, pb))
-    v = fit_homography(fa, fb, tentative_matches(fa, [fb])[0])
-    if v.inliers < MIN_INLIERS and min(len(fa), len(fb)) < MIN_KEYPOINTS:
-        return v.inliers, None
-    if v.inliers < MIN_INLIERS or v.homography is None:
-        return v.inliers, False
-    return v.inliers, check_copy(grey_image(pa, CHECK_SIDE), grey_image(pb, CHECK_SIDE), v.homography).is_copy
+    (fa, ga), (fb, gb) = prepare_image(pa), prepare_image(pb)
+    return judge_pair(fa, fb, ga, gb)
 
 
 def _rotation_pairs(embedder: Any, paths: list[str], vecs: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:

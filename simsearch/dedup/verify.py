@@ -24,6 +24,30 @@ DEDUP_FEATURES, DEDUP_SIDE = 256, 320  # on-demand features: as accurate on copi
 _CHUNK = 256
 
 
+def prepare_image(path: str, stored: Any = None) -> tuple[Any, np.ndarray]:
+    """An image's features for dedup (`stored` ones, or extracted) and its small grey copy, from one decode."""
+    from ..images import open_image
+    from ..spatial.copies import CHECK_SIDE
+    from ..spatial.local_features import extract, grey_image
+
+    im = open_image(path, target=DEDUP_SIDE)
+    return stored or extract(im, DEDUP_FEATURES, DEDUP_SIDE), grey_image(im, CHECK_SIDE)
+
+
+def judge_pair(fa: Any, fb: Any, ga: np.ndarray, gb: np.ndarray) -> tuple[int, bool | None]:
+    """(inliers, verdict) for two images' features and grey copies: True a copy, False not, None no verdict
+    (too few inliers between images too poor in texture to tell)."""
+    from ..spatial.copies import check_copy
+    from ..spatial.matching import fit_homography, tentative_matches
+
+    v = fit_homography(fa, fb, tentative_matches(fa, [fb])[0])
+    if v.inliers < MIN_INLIERS and min(len(fa), len(fb)) < MIN_KEYPOINTS:
+        return v.inliers, None
+    if v.inliers < MIN_INLIERS or v.homography is None:
+        return v.inliers, False
+    return v.inliers, check_copy(ga, gb, v.homography).is_copy
+
+
 @dataclass
 class PairVerdicts:
     keep: np.ndarray  # bool per pair: confirmed, or implied by confirmed pairs (connected mode)
@@ -47,10 +71,7 @@ def verify_pairs(
 ) -> PairVerdicts:
     """Verdicts for pairs (rows[i[k]], rows[j[k]]) scoring s[k]. `joined` (connected grouping) holds the unions
     already made; pairs inside one set are implied, and confirmed pairs are added to it."""
-    from ..images import open_image
-    from ..spatial.copies import CHECK_SIDE, check_copy
-    from ..spatial.local_features import LocalFeatures, extract, grey_image, require_cv2
-    from ..spatial.matching import fit_homography, tentative_matches
+    from ..spatial.local_features import LocalFeatures, require_cv2
     from ..spatial.rerank import FeatureSource
 
     require_cv2()
@@ -66,9 +87,7 @@ def verify_pairs(
         """Decode once: the features (unless stored) and the grey copy come from the same image."""
         stored = source.stored([rows[x].sha256]).get(rows[x].sha256)
         try:
-            im = open_image(rows[x].path, target=DEDUP_SIDE)
-            feats[x] = stored or extract(im, DEDUP_FEATURES, DEDUP_SIDE)
-            greys[x] = grey_image(im, CHECK_SIDE)
+            feats[x], greys[x] = prepare_image(rows[x].path, stored)
         except Exception:  # unreadable now: no verdict
             feats[x] = greys[x] = None
 
@@ -77,11 +96,8 @@ def verify_pairs(
         fa, fb, ga, gb = feats[a], feats[b], greys[a], greys[b]
         if fa is None or fb is None or ga is None or gb is None:
             return k, 0, False, True
-        v = fit_homography(fa, fb, tentative_matches(fa, [fb])[0])
-        if v.inliers < MIN_INLIERS and min(len(fa), len(fb)) < MIN_KEYPOINTS:
-            return k, v.inliers, False, True  # too little texture to tell either way
-        ok = v.inliers >= MIN_INLIERS and v.homography is not None and check_copy(ga, gb, v.homography).is_copy
-        return k, v.inliers, ok, False
+        inliers, verdict = judge_pair(fa, fb, ga, gb)
+        return k, inliers, bool(verdict), verdict is None
 
     order = np.argsort(-s, kind="stable")
     done = 0

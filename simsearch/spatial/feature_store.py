@@ -86,19 +86,14 @@ class FeatureStore:
                 "INSERT OR REPLACE INTO features VALUES (?, ?)", ((s, f.to_bytes()) for s, f in items)
             )
 
-    def missing(self, shas: Iterable[str]) -> list[str]:
-        have = set(self.get_keys())
-        return [s for s in dict.fromkeys(shas) if s not in have]
+    def keys(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT sha256 FROM features")}
 
-    def get_keys(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT sha256 FROM features")]
-
-    def prune(self, live: set[str]) -> int:
-        """Drop records of contents no indexed file has; returns how many."""
-        dead = [s for s in self.get_keys() if s not in live]
+    def delete(self, shas: Iterable[str]) -> int:
+        shas = list(shas)
         with self.conn:
-            self.conn.executemany("DELETE FROM features WHERE sha256=?", ((s,) for s in dead))
-        return len(dead)
+            self.conn.executemany("DELETE FROM features WHERE sha256=?", ((s,) for s in shas))
+        return len(shas)
 
     def extract(self, source: Any) -> LocalFeatures:
         return extract(source, int(self.settings["max_features"]), int(self.settings["max_side"]))
@@ -117,12 +112,13 @@ def sync_features(
     """
     fs = FeatureStore.open(index_dir, create=True)
     try:
-        live = {r.sha256 for r in rows}
-        pruned = fs.prune(live)
-        todo_sha = set(fs.missing(live))
-        todo = [r for r in rows if r.sha256 in todo_sha and not r.sha256.startswith("vector:")]
-        seen: set[str] = set()
-        todo = [r for r in todo if not (r.sha256 in seen or seen.add(r.sha256))]
+        have = fs.keys()
+        pruned = fs.delete(have - {r.sha256 for r in rows})  # contents no indexed file has any more
+        todo, seen = [], set(have)  # one file per content that has no features yet
+        for r in rows:
+            if r.sha256 not in seen and not r.sha256.startswith("vector:"):
+                seen.add(r.sha256)
+                todo.append(r)
         done = failed = 0
         pending: list[tuple[str, LocalFeatures]] = []
         last = time.monotonic()

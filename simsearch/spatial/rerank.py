@@ -19,8 +19,6 @@ from .feature_store import FeatureStore
 from .local_features import MAX_FEATURES, MAX_SIDE, LocalFeatures, extract
 from .matching import MIN_INLIERS, Verification, verify
 
-DEFAULT_RERANK = 50  # candidates verified by `query --rerank` when asked without a number (benchmarks/instance.py)
-
 
 class FeatureSource:
     """Local features of indexed files by (sha256, path): stored ones first, else extracted and cached."""
