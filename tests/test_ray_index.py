@@ -32,7 +32,7 @@ from simsearch.index.distributed import (
 )
 from simsearch.index.store import IndexStore
 
-from .test_resume import committed
+from .test_resume import committed, noise_images
 
 ROOT = Path(simsearch.__file__).resolve().parents[1]
 MODEL = ["--weights", "none", "--input-size", "64"]
@@ -68,11 +68,7 @@ def ray_address() -> str:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ray-images")
-    rng = np.random.default_rng(5)
-    for i in range(N_IMAGES):
-        arr = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        Image.fromarray(arr).resize((160, 120), Image.BILINEAR).save(d / f"img-{i:03d}.jpg", quality=90)
+    d = noise_images(tmp_path_factory.mktemp("ray-images"), N_IMAGES, 5, ".jpg")
     good = (d / "img-000.jpg").read_bytes()
     (d / "broken.jpg").write_bytes(good[: len(good) // 3])  # a JPEG header, then nothing: fails to decode
     return d

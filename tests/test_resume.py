@@ -26,14 +26,18 @@ def cli(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "simsearch.cli", *map(str, args)]
 
 
+def noise_images(d: Path, n: int, seed: int, suffix: str = ".png") -> Path:
+    """n distinct smooth random pictures img-000... in `d` (the same for a seed)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        Image.fromarray(arr).resize((160, 120), Image.BILINEAR).save(d / f"img-{i:03d}{suffix}", quality=90)
+    return d
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(3)
-    for i in range(N_IMAGES):
-        arr = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        Image.fromarray(arr).resize((160, 120), Image.BILINEAR).save(d / f"img-{i:03d}.png")
-    return d
+    return noise_images(tmp_path_factory.mktemp("many"), N_IMAGES, 3)
 
 
 @pytest.fixture(scope="module")
