@@ -198,6 +198,9 @@ class SimIndex:
             require_cv2()
         self.store.acquire_lock()
         try:
+            from .dedup.journal import recover
+
+            recovered = recover(self.store)  # a move cut short is put back first, so sync drops none of its files
             emb = self._embedder or (lambda: self.embedder)
             if ray is not None:
                 from .index.distributed import sync_with_ray
@@ -205,6 +208,7 @@ class SimIndex:
                 report = sync_with_ray(self.store, emb, folder, ray, workers, progress, commit_every)
             else:
                 report = sync_folder(self.store, emb, folder, progress=progress, commit_every=commit_every)
+            report.recovered = recovered or None
             if keep_features:
                 self._sync_features(report, features_progress)
             return report

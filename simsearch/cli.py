@@ -199,6 +199,11 @@ def index_cmd(
             if as_json:
                 _emit(r.to_json())
             raise typer.Exit(130) from None
+    if report.recovered:
+        from .dedup.journal import recovery_message
+
+        for line in recovery_message(report.recovered):
+            print(f"simsearch: {line}", file=sys.stderr)
     if as_json:
         _emit(report.to_json())
         return
@@ -436,6 +441,8 @@ def undo_cmd(
     typer.echo(f"restored {res['restored']} files ({res['reindexed']} re-added to the index)")
     for m in res["missing"]:
         typer.echo(f"  missing, not restored: {m}", err=True)
+    for c in res["conflicts"]:
+        typer.echo(f"  left at {c['at']}, not restored to {c['path']}: {c['reason']}", err=True)
     if res["permanently_deleted"]:
         typer.echo(f"  {res['permanently_deleted']} files were deleted permanently and cannot be restored", err=True)
 

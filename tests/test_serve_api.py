@@ -315,7 +315,8 @@ def test_resolve_trashes_the_chosen_file_and_undo_restores_it(fresh: tuple[Path,
     assert (index / "undo" / out["undo"]).is_file()
     assert c.get("/api/info").json()["counts"]["images"] == 10
     assert_error(c.get(f"/api/images/{loser['id']}"), 404)
-    assert c.get("/api/undo").json()["manifests"] == [{"undo": out["undo"]}]
+    (listed,) = c.get("/api/undo").json()["manifests"]
+    assert listed["undo"] == out["undo"] and listed["files"] == 1 and listed["state"] == "done"
     assert len(c.get("/api/duplicates").json()["groups"]) == 1
 
     r = c.post("/api/undo", json={"undo": out["undo"]})
@@ -380,6 +381,33 @@ def test_resolve_move_needs_and_uses_the_configured_folder(fresh: tuple[Path, Pa
     assert r.status_code == 200, r.text
     assert r.json()["moved"][0]["to"] == str(dest / "copies" / "chelsea-copy.jpg")
     assert (dest / "copies" / "chelsea-copy.jpg").is_file()
+
+
+def test_resolve_refuses_a_forged_threshold_and_moves_nothing(fresh: tuple[Path, Path]) -> None:
+    folder, index = fresh
+    c = TestClient(create_app(index, warm_up=False), base_url=BASE)
+    before = sorted(p for p in folder.rglob("*") if p.is_file())
+    loose = c.get("/api/duplicates", params={"threshold": -1, "group": "star"}).json()["groups"][0]
+    for t in (-1, 0.0, 0.79, 1.01):
+        body = {"ids": loose["ids"], "remove": loose["ids"][1:], "threshold": t, "group": "star"}
+        assert_error(c.post("/api/duplicates/resolve", json=body), 400, "threshold")
+    assert sorted(p for p in folder.rglob("*") if p.is_file()) == before and not (index / "undo").exists()
+
+
+def test_undo_replays_only_actions_of_the_journal(fresh: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, index = fresh
+    c = TestClient(create_app(index, warm_up=False), base_url=BASE)
+    g = group_of(c, "chelsea.jpg")
+    name = c.post("/api/duplicates/resolve", json={"ids": g["ids"], "remove": [g["ids"][1]]}).json()["undo"]
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"x")
+    crafted = {"action": "move", "entries": [{"from": str(tmp_path / "taken.jpg"), "to": str(victim), "done": True}]}
+    (index / "undo" / "20990101-000000-move.json").write_text(json.dumps(crafted))
+    assert [m["undo"] for m in c.get("/api/undo").json()["manifests"]] == [name]
+    assert_error(c.post("/api/undo", json={"undo": "20990101-000000-move.json"}), 404)
+    assert_error(c.post("/api/undo", json={"undo": name + "\n"}), 400)
+    assert victim.is_file() and not (tmp_path / "taken.jpg").exists()
+    assert c.post("/api/undo", json={"undo": name}).json()["restored"] == 1
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "x/../y.json", ".hidden.json", "a.txt", ""])

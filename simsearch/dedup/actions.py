@@ -1,26 +1,41 @@
 """Dedup actions that can be undone: move duplicates to a folder, or "delete" them into a trash folder.
 
-Every run writes an undo manifest (JSON, plus the removed index rows' vectors as .npy) before touching a file and
-updates it after each move, so `simsearch undo MANIFEST` can put everything back, even after a crash. Files under a
---prefer folder and the kept file of each group are never touched. Permanent deletion needs its own flag.
+Every run is recorded in the index's write-ahead journal (`journal.py`) before a file is touched, and named by an undo
+manifest in `undo/` that `simsearch undo MANIFEST` replays; a run cut short by a crash is rolled back by the next
+writer. Files under a --prefer folder and the kept file of each group are never touched. Permanent deletion needs its
+own flag.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import BadInputError
 from ..index.store import IndexStore, atomic_write
 from .finder import DedupReport, is_preferred
+from .journal import (
+    JOURNAL_DB,
+    MARK_EVERY,
+    Entry,
+    Journal,
+    copy_verified,
+    fault,
+    identity,
+    recover,
+    recovery_message,
+    replay_undo,
+    same_device,
+    store_roots,
+)
+
+log = logging.getLogger("simsearch")
 
 ACTIONS = ("report", "move", "delete")
 
@@ -97,138 +112,142 @@ def plan_files(
 
 
 def apply_plan(plan: Plan, store: IndexStore) -> Path | None:
-    """Carry out a plan; returns the undo manifest path. Removes the moved files from the index."""
+    """Carry out a plan under the writer lock; returns the undo manifest's path. Removes the moved files' index rows.
+
+    The whole plan is recorded in the index's journal (durably) before the first file moves, and files are marked
+    done in batches, so a crash at any instant leaves nothing unaccounted for: the next writer rolls it back.
+    """
     if not plan.moves:
         return None
-    undo_dir = store.path / "undo"
-    undo_dir.mkdir(exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    manifest = undo_dir / f"{stamp}-{plan.action}.json"
-    n = 1
-    while manifest.exists():
-        manifest = undo_dir / f"{stamp}-{plan.action}-{n}.json"
-        n += 1
-    rows = {r.path: r for r in store.all_rows()}
-    moved_rows = [rows[s] for s, _ in plan.moves if s in rows]
-    vec_file = manifest.with_suffix(".npy")
-    vecs = store.vectors([r.id for r in moved_rows])
-    with open(vec_file, "wb") as f:
-        np.save(f, vecs)
-        f.flush()
-        os.fsync(f.fileno())
-    entries = [
-        {"from": s, "to": d, "done": False, "row": _row_json(rows.get(s)), "vector": i}
-        for i, (s, d) in enumerate(plan.moves)
-    ]
-    doc = {
-        "action": plan.action,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "index": str(store.path),
-        "signature": store.signature,
-        "vectors": vec_file.name,
-        "entries": entries,
-    }
-    # Vector i belongs to the i-th entry that had an index row.
-    k = 0
-    for e in entries:
-        if e["row"] is not None:
-            e["vector"], k = k, k + 1
-        else:
-            e["vector"] = None
-    _write(manifest, doc)
-    done_paths = []
-    last = time.monotonic()
-    for e in entries:
-        src, dst = e["from"], e["to"]
-        if not os.path.exists(src):
-            continue
-        if dst is None:
-            os.unlink(src)
-        else:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            if os.path.exists(dst):
-                raise BadInputError(f"refusing to overwrite {dst}")
-            shutil.move(src, dst)
-        e["done"] = True
-        done_paths.append(src)
-        if time.monotonic() - last > 1.0:
-            _write(manifest, doc)
-            last = time.monotonic()
-    _write(manifest, doc)
-    held = store.holds_lock  # a caller that took the lock before the moves keeps it
+    held = store.holds_lock  # a caller that took the lock before planning keeps it
     if not held:
         store.acquire_lock()
     try:
-        with store.transaction() as txn:
-            txn.delete_paths(done_paths)
-        store.save()
+        for line in recovery_message(recover(store)):
+            log.warning("simsearch: %s", line)
+        with Journal(store.path) as journal:
+            return _apply(plan, store, journal)
     finally:
         if not held:
             store.release_lock()
+
+
+def _apply(plan: Plan, store: IndexStore, journal: Journal) -> Path:
+    name = journal.new_name(plan.action)
+    rows = store.rows_by_path([s for s, _ in plan.moves])
+    indexed = list(rows.values())
+    vec_of = {r.path: i for i, r in enumerate(indexed)}
+    entries: list[Entry] = []
+    for seq, (src, dst) in enumerate(plan.moves):
+        try:
+            st = os.lstat(src)
+        except OSError:
+            entries.append(Entry(seq, src, dst, "absent"))
+            continue
+        r = rows.get(src)
+        if r is None:
+            entries.append(Entry(seq, src, dst, "planned", *identity(st)))
+            continue
+        known = (r.size, r.mtime_ns) == (st.st_size, st.st_mtime_ns)
+        entries.append(Entry(seq, src, dst, "planned", *identity(st), r.sha256 if known else None, r.sha256,
+                             r.width, r.height, vec_of[src]))  # fmt: skip
+    roots = store_roots(store) or [common_root([r.path for r in store.all_rows()])]
+    journal.begin(name, plan.action, entries, roots, store.signature, store.vectors([r.id for r in indexed]))
+    undo_dir = store.path / "undo"
+    undo_dir.mkdir(exist_ok=True)
+    manifest = undo_dir / name
+    _write_manifest(manifest, plan.action, store, entries)
+    fault("begun")
+    changes: list[tuple[int, str, str | None]] = []
+    last = time.monotonic()
+    n = 0
+    devices: dict[str, int] = {}  # destination folder -> its device, made once
+    for e in entries:
+        if e.state != "planned":
+            continue
+        state, sha = _move_one(e, journal, name, devices)
+        e.state = state
+        n += 1
+        fault(f"move:{n}")
+        changes.append((e.seq, state, sha))
+        if len(changes) >= MARK_EVERY or time.monotonic() - last > 1.0:
+            journal.mark(name, changes)
+            changes, last = [], time.monotonic()
+    journal.mark(name, changes)
+    fault("moved")
+    with store.transaction() as txn:
+        txn.delete_paths([e.src for e in entries if e.state in ("moved", "deleted")])
+    store.save()
+    fault("indexed")
+    journal.set_state(name, "done")
+    _write_manifest(manifest, plan.action, store, entries)
     return manifest
 
 
+def _move_one(e: Entry, journal: Journal, name: str, devices: dict[str, int]) -> tuple[str, str | None]:
+    """Move, trash or delete one recorded file; returns its new state and, for a copy across devices, its hash."""
+    if e.dst is None:
+        os.unlink(e.src)
+        return "deleted", None
+    parent = os.path.dirname(e.dst)
+    if parent not in devices:
+        os.makedirs(parent, exist_ok=True)
+        devices[parent] = os.stat(parent).st_dev
+    if os.path.lexists(e.dst):
+        raise BadInputError(f"refusing to overwrite {e.dst}")
+    if same_device(devices[parent], e.dev):  # type: ignore[arg-type]
+        os.replace(e.src, e.dst)
+        return "moved", None
+    digest = copy_verified(e.src, e.dst)
+    journal.mark(name, [(e.seq, "planned", digest)])  # the copy's hash is durable before the original goes
+    fault("copied")
+    os.unlink(e.src)
+    return "moved", digest
+
+
 def undo(manifest_path: str | Path) -> dict[str, Any]:
-    """Move every file of an undo manifest back and re-add its index rows (vectors are kept, no re-embedding)."""
-    mp = Path(manifest_path).expanduser()
-    try:
-        doc = json.loads(mp.read_text())
-        entries = doc["entries"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BadInputError(f"{mp} is not a simsearch undo manifest ({e})") from e
-    restored, missing, permanent = [], [], 0
-    for e in entries:
-        if not e.get("done"):
-            continue
-        if e["to"] is None:
-            permanent += 1
-            continue
-        if not os.path.exists(e["to"]):
-            missing.append(e["to"])
-            continue
-        if os.path.exists(e["from"]):
-            raise BadInputError(f"cannot restore {e['from']}: a file is already there")
-        os.makedirs(os.path.dirname(e["from"]), exist_ok=True)
-        shutil.move(e["to"], e["from"])
-        e["done"] = False
-        restored.append(e)
-        _write(mp, doc)
-    reindexed = _reinsert(doc, mp, restored)
-    return {"restored": len(restored), "missing": missing, "permanently_deleted": permanent, "reindexed": reindexed}
+    """Move every file of an action back and re-add its index rows (vectors from the journal, no re-embedding).
 
-
-def _reinsert(doc: dict[str, Any], mp: Path, restored: list[dict[str, Any]]) -> int:
-    index = Path(doc.get("index", ""))
-    if not restored or not IndexStore.exists(index):
-        return 0
-    vec_file = mp.with_name(doc["vectors"])
-    vecs = np.load(vec_file) if vec_file.exists() else None
-    store = IndexStore.open(index)
-    try:
-        if vecs is None or store.signature != doc.get("signature"):
-            return 0
+    `manifest_path` names the action: a manifest in an index's `undo/` folder. Only actions recorded in that index's
+    journal are replayed; anything else is refused before a file moves.
+    """
+    mp = Path(manifest_path).expanduser().absolute()
+    index = mp.parent.parent
+    if mp.parent.name != "undo" or not IndexStore.exists(index):
+        raise BadInputError(f"{mp} is not an undo manifest of a simsearch index (expected INDEX/undo/NAME.json)")
+    refusal = f"{mp.name} is not an action recorded in the journal of {index}; nothing was moved"
+    if not Journal.exists(index):
+        raise BadInputError(refusal)
+    with IndexStore.open(index) as store, Journal(index) as journal:
+        if journal.action(mp.name) is None:
+            raise BadInputError(refusal)
+        act = journal.action(mp.name) or {}
         store.acquire_lock()
-        n = 0
-        with store.transaction() as txn:
-            for e in restored:
-                r = e.get("row")
-                if r is None or e.get("vector") is None or store.row_by_path(e["from"]) is not None:
-                    continue
-                st = os.stat(e["from"])
-                txn.insert(e["from"], st.st_size, st.st_mtime_ns, r["sha256"], r["width"], r["height"],
-                           vecs[e["vector"]])  # fmt: skip
-                n += 1
-        store.save()
-        return n
-    finally:
-        store.close()
+        recovered = recover(store)  # a crash-interrupted action, this one included, is rolled back first
+        mine = next((r for r in recovered if r["undo"] == mp.name), None)
+        for line in recovery_message([r for r in recovered if r is not mine]):
+            log.warning("simsearch: %s", line)
+        res = {k: v for k, v in mine.items() if k not in ("undo", "action")} if mine else replay_undo(
+            journal, store, mp.name)  # fmt: skip
+        _write_manifest(mp, act.get("action", ""), store, journal.entries(mp.name))
+    return res
 
 
-def _row_json(row: Any) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {"sha256": row.sha256, "width": row.width, "height": row.height}
+def undo_list(index_path: str | Path) -> list[dict[str, Any]]:
+    """The actions of an index that can be undone, newest first (from its journal)."""
+    if not Journal.exists(index_path):
+        return []
+    with Journal(index_path) as journal:
+        return journal.actions(states=["done", "partly-undone"])
 
 
-def _write(path: Path, doc: dict[str, Any]) -> None:
-    atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())
+def _write_manifest(path: Path, action: str, store: IndexStore, entries: list[Entry]) -> None:
+    """The human-readable record of an action (its name is what `undo` takes); the journal is the source of truth."""
+    doc = {
+        "action": action,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "index": str(store.path),
+        "journal": JOURNAL_DB,
+        "entries": [{"from": e.src, "to": e.dst, "done": e.state in ("moved", "deleted")} for e in entries],
+    }
+    atomic_write(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())  # compact: the C encoder

@@ -153,7 +153,7 @@ class VectorFile:
         m = self.view(int(idx.max()) + 1)
         if int(idx.max()) >= len(m):
             raise IndexCorruptError(f"{self.path} is shorter than the index says (truncated?); recover with --rebuild")
-        return np.array(m[idx], dtype=np.float32)
+        return np.asarray(m[idx], dtype=np.float32)  # fancy indexing already copied out of the map: no second copy
 
     def _open(self) -> int:
         if self._fd is None:
@@ -480,6 +480,11 @@ class IndexStore:
     def row_by_path(self, path: str) -> Row | None:
         r = self.conn.execute(f"SELECT {_ROW_COLS} FROM images WHERE path=?", (path,)).fetchone()
         return Row(*r) if r else None
+
+    def rows_by_path(self, paths: Iterable[str]) -> dict[str, Row]:
+        """The rows of those of `paths` that are indexed, by path."""
+        return {r[1]: Row(*r) for r in self._in_query(f"SELECT {_ROW_COLS} FROM images WHERE path IN ({{}})",
+                                                      list(paths))}  # fmt: skip
 
     def all_rows(self) -> list[Row]:
         return [Row(*r) for r in self.conn.execute(f"SELECT {_ROW_COLS} FROM images ORDER BY id")]

@@ -61,6 +61,7 @@ class SyncReport:
     interrupted: bool = False
     ray: dict[str, Any] | None = None  # set by a `--ray` run: address, workers, shards, start_s, steady_img_s
     local_features: dict[str, Any] | None = None  # set when the index keeps local features (spatial re-ranking)
+    recovered: list[dict[str, Any]] | None = None  # file actions a crash interrupted, rolled back before the sync
 
     @property
     def indexed(self) -> int:
@@ -83,6 +84,7 @@ class SyncReport:
             "interrupted": self.interrupted,
             **({"ray": self.ray} if self.ray is not None else {}),
             **({"local_features": self.local_features} if self.local_features is not None else {}),
+            **({"recovered": self.recovered} if self.recovered else {}),
         }
 
 

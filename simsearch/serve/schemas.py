@@ -68,7 +68,7 @@ class ResolveIn(BaseModel):
     ids: list[int] = Field(min_length=2, max_length=10_000, description="Every member of the group, as listed.")
     remove: list[int] = Field(min_length=1, max_length=10_000, description="The members to move or trash.")
     action: Literal["delete", "move"] = Field("delete", description="delete: into the index's trash (undoable).")
-    threshold: float = Field(DEFAULT_THRESHOLD, ge=-1.0, le=1.0)
+    threshold: float = Field(DEFAULT_THRESHOLD, ge=0.8, le=1.0, description="The listing's threshold (0.8 to 1).")
     group: Literal["connected", "star"] = "connected"
     keep: str | None = None
 
@@ -89,13 +89,28 @@ class UndoIn(BaseModel):
     undo: str = Field(min_length=1, max_length=200, description="File name of an undo manifest (from resolve).")
 
 
+class ConflictOut(BaseModel):
+    path: str = Field(description="The original path, not restored.")
+    at: str = Field(description="Where the file stays.")
+    reason: str
+
+
 class UndoOut(BaseModel):
     undo: str
     restored: int
     missing: list[str]
     permanently_deleted: int
     reindexed: int
+    conflicts: list[ConflictOut] = Field(default_factory=list, description="Files left where they are, and why.")
+
+
+class UndoableOut(BaseModel):
+    undo: str = Field(description="The action's manifest name, for POST /api/undo.")
+    action: str | None = None
+    created: str | None = None
+    state: str | None = Field(None, description="done, or partly-undone (some files could not go back yet).")
+    files: int | None = None
 
 
 class UndoListOut(BaseModel):
-    manifests: list[UndoIn]
+    manifests: list[UndoableOut]

@@ -4,6 +4,7 @@ cached dedup reports and thumbnails. Every method is a plain Python call, so the
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import re
@@ -17,18 +18,21 @@ import numpy as np
 from PIL import Image
 
 from ..api import Match, SimIndex
-from ..dedup.actions import apply_plan, plan_files
+from ..dedup.actions import apply_plan, plan_files, undo_list
 from ..dedup.actions import undo as undo_manifest
 from ..dedup.finder import DedupReport, DupGroup, find_duplicates
-from ..errors import BadInputError, SimsearchError
+from ..dedup.journal import recover, recovery_message
+from ..errors import BadInputError, IndexLockedError, SimsearchError
 from ..images import DRAFT_COVERAGE, load_encoded, open_image, sniff_format
 from ..index.store import IndexStore, Row
 
+log = logging.getLogger("simsearch.serve")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 50_000_000  # 8660 x 5773: far above any camera, far below a decompression bomb
 THUMB_SIZES = (16, 1024)
 THUMB_CACHE_BYTES = 64 * 1024 * 1024
-_UNDO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.json$")
+_UNDO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.json")  # fullmatch: no path, no trailing newline
+THRESHOLD_RANGE = (0.80, 1.0)  # the page's threshold field; resolve refuses anything else
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
                 "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif",
                 "AVIF": "image/avif"}  # fmt: skip
@@ -118,6 +122,21 @@ class ServeState:
         self._idx.store.faiss_index  # noqa: B018  (load now, not on the first request)
         self._dedup: dict[tuple, DedupReport] = {}
         self.thumbnails = ThumbnailCache()
+        if not self.config.read_only:
+            self._recover()
+
+    def _recover(self) -> None:
+        """Roll back file actions a crash interrupted, unless another writer is busy (it will, on its next open)."""
+        store = self._idx.store
+        try:
+            store.acquire_lock()
+        except IndexLockedError:
+            return
+        try:
+            for line in recovery_message(recover(store)):
+                log.warning("simsearch: %s", line)
+        finally:
+            store.release_lock()
 
     def warm_up(self) -> None:
         """Build the model and run it once, so the first query is as fast as the others.
@@ -243,6 +262,7 @@ class ServeState:
     ) -> dict[str, Any]:
         """Move or trash the chosen files of one group, holding the writer lock; returns the undo manifest's name."""
         self._check_writable()
+        check_threshold(threshold)
         remove = list(dict.fromkeys(remove))
         if action == "move" and self.config.move_to is None:
             raise ForbiddenError("move needs a destination: start the server with --move-to DIR")
@@ -270,27 +290,32 @@ class ServeState:
         return {"action": action, "moved": moved, "undo": manifest.name if manifest else None}
 
     def undo(self, name: str) -> dict[str, Any]:
-        """Undo one manifest of this index's undo folder, named by file name only (never a path)."""
+        """Undo one action of this index's journal, named by its manifest's file name only (never a path)."""
         self._check_writable()
-        if not _UNDO_NAME.match(name):
+        if not _UNDO_NAME.fullmatch(name):
             raise BadInputError("undo must name a manifest of this index's undo folder, e.g. 20261201-1200-delete.json")
-        path = self.path / "undo" / name
-        if not path.is_file():
-            raise NotFoundError(f"no undo manifest {name}")
+        if not any(a["undo"] == name for a in undo_list(self.path)):
+            raise NotFoundError(f"no action {name} to undo in this index's journal")
         with self.lock:
             store = self.index().store
             store.acquire_lock()  # fail with 409 before moving anything back when another writer is busy
             store.release_lock()
-            result = undo_manifest(path)
+            result = undo_manifest(self.path / "undo" / name)
         return {"undo": name, **result}
 
     def undo_list(self) -> list[dict[str, Any]]:
-        d = self.path / "undo"
-        return [{"undo": p.name} for p in sorted(d.glob("*.json"), reverse=True)] if d.is_dir() else []
+        return undo_list(self.path)
 
     def _check_writable(self) -> None:
         if self.config.read_only:
             raise ForbiddenError("this server is read-only (--read-only): it changes no files")
+
+
+def check_threshold(threshold: float) -> None:
+    """Resolve acts only at thresholds the page offers: lower ones group files that are not copies."""
+    lo, hi = THRESHOLD_RANGE
+    if not (lo <= threshold <= hi):
+        raise BadInputError(f"threshold must be between {lo} and {hi}")
 
 
 def _matches(matches: list[Match], rows: dict[int, Row]) -> list[dict[str, Any]]:
