@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -132,6 +133,7 @@ def test_kill_9_from_outside_at_a_random_instant(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     gone = sum(not Path(p).exists() for p in victims)
+    assert gone > 0
     (manifest,) = (index / "undo").glob("*.json")
     res = undo(manifest)
     assert res["restored"] == gone and not res["conflicts"]
@@ -163,8 +165,6 @@ def test_moves_across_devices_copy_verify_and_survive_a_kill(tmp_path: Path) -> 
         assert res["restored"] == 10 and res["reindexed"] == 10
         assert_all_back(files)
     finally:
-        import shutil
-
         shutil.rmtree(dest, ignore_errors=True)
 
 
@@ -234,3 +234,46 @@ def test_undo_twice_restores_nothing_the_second_time_and_never_overwrites(tmp_pa
     assert_all_back(files)
     assert undo(manifest)["restored"] == 0
     assert index_count(index) == 6
+
+
+def test_cli_dedup_killed_mid_way_then_undo(photos: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "lib"
+    shutil.copytree(photos, folder)
+    (folder / "copies").mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg", "rocket.jpg"):
+        shutil.copy(folder / name, folder / "copies" / name)
+    files = {str(p): sha(p) for p in folder.rglob("*.jpg")}
+    index = tmp_path / "idx"
+    assert runner.invoke(app, ["index", str(folder), "--index", str(index)]).exit_code == 0
+    env = {**os.environ, journal_mod.FAULT_ENV: "move:2"}
+    cmd = [sys.executable, "-m", "simsearch.cli", "dedup", "--index", str(index), "--exact-only", "--action",
+           "delete", "--yes"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert sum(not Path(p).exists() for p in files) == 2
+    (manifest,) = (index / "undo").glob("*.json")
+    out = runner.invoke(app, ["undo", str(manifest)])
+    assert out.exit_code == 0 and "restored 2 files" in out.stdout
+    assert_all_back(files)
+    assert index_count(index) == len(files)
+
+
+def test_the_server_rolls_back_on_start_and_moves_across_devices_by_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simsearch.serve.state import ServeState
+
+    folder, index, files = make_library(tmp_path, 10)
+    assert run_mover(index, sorted(files)[:6], fault="move:3").returncode == -signal.SIGKILL
+    ServeState(index).close()  # a writable server recovers when it starts
+    assert_all_back(files)
+    monkeypatch.setattr(journal_mod, "FORCE_COPY", True)
+    with IndexStore.open(index) as store:
+        manifest = apply_plan(plan_files(sorted(files)[:4], "delete", None, store), store)
+    with journal_mod.Journal(index) as j:
+        entries = j.entries(manifest.name)
+    assert all(e.state == "moved" and e.sha256 == files[e.src] for e in entries)  # copied and verified
+    assert sorted(sha(Path(e.dst)) for e in entries) == sorted(files[e.src] for e in entries)  # type: ignore[arg-type]
+    res = undo(manifest)
+    assert res["restored"] == 4 and res["reindexed"] == 4
+    assert_all_back(files)
