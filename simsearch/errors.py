@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class SimsearchError(Exception):
     """An expected failure: the CLI prints its message on one line and exits with `exit_code`."""
@@ -43,3 +45,19 @@ class IndexLockedError(SimsearchError):
     """Another process is writing to the index."""
 
     exit_code = 1
+
+
+class ImageLoadError(Exception):
+    """An image could not be read or decoded; ``str(err)`` is one line: ``"<path>: <reason>"`` or reason."""
+
+    def __init__(self, reason: str, path: str | os.PathLike | None = None) -> None:
+        self.reason = " ".join(str(reason).split())
+        self.path = os.fspath(path) if path is not None else None
+        super().__init__(self.reason, self.path)
+
+    @property
+    def message(self) -> str:
+        return self.reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path is not None else self.reason

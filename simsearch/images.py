@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import ImageLoadError
+from .media.raw import sniff_raw
+
 __all__ = [
     "FITS",
     "MAX_PIXELS",
@@ -97,22 +100,6 @@ _heif_lock = threading.Lock()
 _heif_state: dict[str, bool] = {}
 
 
-class ImageLoadError(Exception):
-    """An image could not be read or decoded; ``str(err)`` is one line: ``"<path>: <reason>"`` or reason."""
-
-    def __init__(self, reason: str, path: str | os.PathLike | None = None) -> None:
-        self.reason = " ".join(str(reason).split())
-        self.path = os.fspath(path) if path is not None else None
-        super().__init__(self.reason, self.path)
-
-    @property
-    def message(self) -> str:
-        return self.reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}" if self.path is not None else self.reason
-
-
 # --------------------------------------------------------------------------------------------------- sniffing
 
 
@@ -161,12 +148,14 @@ def _sniff_ftyp(head: bytes) -> str | None:
 
 
 def sniff_format(path: str | os.PathLike) -> str | None:
-    """Detect an image file by content; return a Pillow format name ("JPEG", "PNG", ...) or None.
+    """Detect an image file by content; return a Pillow format name ("JPEG", "PNG", ...), "RAW" for camera RAW
+    (see `media.raw.sniff_raw`), or None.
 
     Raises OSError when the file cannot be read (missing, directory, permission denied).
     """
     with open(path, "rb") as f:
-        return sniff_bytes(f.read(SNIFF_BYTES))
+        head = f.read(SNIFF_BYTES)
+    return "RAW" if sniff_raw(head, path) else sniff_bytes(head)
 
 
 # -------------------------------------------------------------------------------------------------- discovery
@@ -421,9 +410,17 @@ def _finish(im: Image.Image, path: str | None, owned: bool) -> Image.Image:
 
 
 def _open_stream(
-    fp: io.IOBase, head: bytes, path: str | None, target: int | None, max_pixels: int
+    fp: io.IOBase, head: bytes, path: str | None, target: int | None, max_pixels: int, name: str | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode (drafted towards ``target``); also return the size stored in the file, before draft and orientation."""
+    """Decode (drafted towards ``target``); also return the size stored in the file, before draft and orientation.
+
+    Camera RAW goes to `media.raw` (`name`, the file's name, tells TIFF-based RAW from TIFF when there is no path).
+    """
+    if sniff_raw(head, path or name):
+        from .media.raw import open_raw  # rawpy is loaded only when a RAW file shows up
+
+        fp.seek(0)
+        return open_raw(fp, target, max_pixels, path)
     fmt = sniff_bytes(head)
     if fmt is None:
         raise ImageLoadError("not an image (unknown format)", path)
@@ -444,10 +441,12 @@ def _open_stream(
     return _finish(im, path, owned=True), stored
 
 
-def _open_bytes(data: bytes, target: int | None, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+def _open_bytes(
+    data: bytes, target: int | None, max_pixels: int, name: str | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     if not data:
         raise ImageLoadError("empty data (0 bytes)")
-    return _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, target, max_pixels)
+    return _open_stream(io.BytesIO(data), data[:SNIFF_BYTES], None, target, max_pixels, name)
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:
@@ -564,15 +563,16 @@ def load_image(source: ImageSource, size: int, fit: str = "resize") -> np.ndarra
 
 
 def load_encoded(
-    data: bytes, size: int, fit: str = "resize", *, max_pixels: int | None = None
+    data: bytes, size: int, fit: str = "resize", *, max_pixels: int | None = None, name: str | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image` of a file's bytes, plus the (width, height) stored in the file, parsing it only once.
 
     The array is read-only (it wraps Pillow's pixel bytes without another copy): the indexing pipeline only reads it.
-    `max_pixels` lowers the decompression-bomb limit (the server's uploads).
+    `max_pixels` lowers the decompression-bomb limit (the server's uploads); `name`, the file's name, tells camera RAW
+    in a TIFF container (DNG, NEF, ...) from TIFF.
     """
     _check_size(size, fit)
-    im, stored = _open_bytes(data, size, MAX_PIXELS if max_pixels is None else max_pixels)
+    im, stored = _open_bytes(data, size, MAX_PIXELS if max_pixels is None else max_pixels, name)
     return _pixels(fit_image(im, size, fit), writeable=False), stored
 
 

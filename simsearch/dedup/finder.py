@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..index.store import IndexStore, Row
+from ..media.raw import RAW_SUFFIXES
 
 DEFAULT_THRESHOLD = 0.90  # cosine alone (--no-verify, or an explicit --threshold): best F1 on clothing + edits
 AUTO_THRESHOLD = 0.86  # the default: candidates from here are confirmed geometrically (benchmarks/dedup_peer.py)
@@ -23,7 +24,7 @@ AUTO_THRESHOLDS = {"rmac": 0.88}  # by pooling: R-MAC scores copies higher (grou
 ACCEPT_ABOVE = 0.95  # the default: pairs at or above are copies without a check (3 of 7,500 on clothing are re-shots)
 VERIFY_THRESHOLD = 0.80  # candidates for --verify, which checks every pair
 GROUP_MODES = ("connected", "star")
-KEEP_RULES = ("resolution", "size", "oldest", "newest", "shortest-path", "longest-path")
+KEEP_RULES = ("resolution", "size", "oldest", "newest", "shortest-path", "longest-path", "prefer-raw", "prefer-jpeg")
 DEFAULT_KEEP = ("resolution", "size", "oldest", "shortest-path")
 
 
@@ -105,6 +106,9 @@ def keep_key(row: Row, rules: Sequence[str], prefer: Sequence[str] = ()) -> tupl
             key.append(len(row.path))
         elif r == "longest-path":
             key.append(-len(row.path))
+        elif r in ("prefer-raw", "prefer-jpeg"):  # a camera's RAW and its JPEG of the same shot: which one stays
+            raw = os.path.splitext(row.path)[1].lower() in RAW_SUFFIXES
+            key.append(0 if raw == (r == "prefer-raw") else 1)
     key.append(row.path)
     return tuple(key)
 

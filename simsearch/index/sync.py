@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..images import scan_images
+from ..media.raw import RAW_SUFFIXES
 from ..models.embedder import Embedder, FileRecord
 from .store import IndexStore, Row
 
@@ -41,7 +42,7 @@ IMAGE_SUFFIXES = {
     ".heif",
     ".avif",
     ".jp2",
-}
+} | RAW_SUFFIXES
 
 
 @dataclass

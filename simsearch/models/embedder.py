@@ -344,7 +344,7 @@ def _read_and_decode(
         rec.known = True
         return rec, None
     try:
-        pixels, (rec.width, rec.height) = load_encoded(data, size, fit)
+        pixels, (rec.width, rec.height) = load_encoded(data, size, fit, name=path)
         return rec, pixels
     except ImageLoadError as e:
         rec.error = _strip_path(str(e), path)
