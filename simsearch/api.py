@@ -19,6 +19,7 @@ import numpy as np
 from .errors import BadInputError, IndexMismatchError
 from .index.store import IndexStore
 from .index.sync import ProgressFn, SyncReport, sync_folder
+from .index.videos import align, frame_owner, frame_vectors, search_frames, video_shas, videos
 from .models.backbones import DEFAULT_BACKBONE, DEFAULT_POOLING
 
 
@@ -30,11 +31,14 @@ class Match:
     score: float
     id: int
     inliers: int | None = None  # RANSAC inliers against the query, when re-ranked
+    time_s: float | None = None  # a video: seconds into it of the frame that matched best
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "score": round(self.score, 6)}
         if self.inliers is not None:
             out["inliers"] = self.inliers
+        if self.time_s is not None:
+            out["time_s"] = round(self.time_s, 3)
         return out
 
 
@@ -52,6 +56,7 @@ class SimIndex:
         self._embedder: Any = None
         self._options = embedder_options or {}
         self._features: Any = None  # spatial.rerank.FeatureSource, made on the first re-ranked search
+        self._video_cache: tuple[int, set[str]] | None = None
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -251,6 +256,9 @@ class SimIndex:
             if "weights" not in opts:
                 opts["weights"] = None if sig["weights"] == "none" else sig["weights"]
             self._embedder = Embedder(**opts, seed=seed, **self._options)
+            from .index.videos import clear as clear_frames
+
+            clear_frames(self.store)
             self.store.reset({**self._embedder.signature(), "seed": seed})
         finally:
             self.store.release_lock()
@@ -294,6 +302,8 @@ class SimIndex:
         """
         if rerank < 0:
             raise BadInputError("rerank must be 0 (off) or a number of candidates")
+        if self._is_video(query):
+            return self.search_video(query, k, min_score)
         matches = self.search_vectors(
             self.vector_for(query)[None], max(k, rerank), min_score, self._self_id(query), nprobe, exact
         )[0]
@@ -347,7 +357,9 @@ class SimIndex:
         if k < 1:
             raise BadInputError("k must be at least 1")
         vectors = _checked_vectors(queries, self.store.dim, "query vectors")
-        scores, ids = self.store.search(vectors, k, param=nprobe, exact=exact)
+        shas = self._videos()
+        fetch = k + min(len(shas), 4 * k)  # whole-video rows are dropped from the hits: room for them
+        scores, ids = self.store.search(vectors, fetch, param=nprobe, exact=exact)
         rows = self.store.rows({int(i) for i in ids.ravel() if i >= 0})
         out = []
         for srow, irow in zip(scores, ids, strict=True):
@@ -359,7 +371,83 @@ class SimIndex:
             # Exact duplicates tie at 1.0: the query's own entry goes first.
             hits.sort(key=lambda m: (-round(m.score, 6), m.id != first_id, m.path))
             out.append(hits)
+        return self._with_video_frames(vectors, k, min_score, out) if shas else out
+
+    def _videos(self) -> set[str]:
+        """Content hashes of the indexed videos, read once per generation."""
+        gen = self.store.generation
+        if self._video_cache is None or self._video_cache[0] != gen:
+            self._video_cache = (gen, video_shas(self.store))
+        return self._video_cache[1]
+
+    @staticmethod
+    def _is_video(query: Any) -> bool:
+        if not isinstance(query, (str, Path)):
+            return False
+        from .images import sniff_format
+
+        try:
+            return sniff_format(Path(query).expanduser()) == "VIDEO"
+        except OSError:
+            return False
+
+    def _with_video_frames(
+        self, vectors: np.ndarray, k: int, min_score: float | None, hits: list[list[Match]]
+    ) -> list[list[Match]]:
+        """Image hits without whole-video rows, merged with the best frame of each video (its time in `time_s`)."""
+        shas = self._videos()
+        scores, fids = search_frames(self.store, vectors, k * 5)
+        owners = frame_owner(self.store, [int(f) for f in np.unique(fids) if f >= 0])
+        live: dict[str, list[Any]] = {}
+        for r in self.store.rows_by_sha({sha for sha, _ in owners.values()}):
+            live.setdefault(r.sha256, []).append(r)
+        rows = self.store.rows({m.id for h in hits for m in h})
+        out = []
+        for h, srow, frow in zip(hits, scores, fids, strict=True):
+            merged = [m for m in h if m.id in rows and rows[m.id].sha256 not in shas]
+            seen: set[int] = set()
+            for sc, f in zip(srow, frow, strict=True):
+                if f < 0 or int(f) not in owners or (min_score is not None and sc < min_score):
+                    continue
+                sha, t = owners[int(f)]
+                for r in live.get(sha, []):
+                    if r.id not in seen:  # frames come best first: the first one of a video is its best
+                        seen.add(r.id)
+                        merged.append(Match(r.path, float(min(1.0, max(-1.0, sc))), r.id, time_s=t))
+            merged.sort(key=lambda m: (-round(m.score, 6), m.path))
+            out.append(merged[:k])
         return out
+
+    def search_video(self, query: str | Path, k: int = 10, min_score: float | None = None) -> list[Match]:
+        """Indexed videos that are copies of (or contain) the query video, best aligned first.
+
+        Each candidate found by frame similarity is aligned with the query (see `index.videos.align`): its score is
+        the share of the shorter video's frames that match at one time offset times their mean similarity, and its
+        `time_s` is where the query starts in it."""
+        p = Path(query).expanduser()
+        row = self._query_row(p)
+        stored = videos(self.store, [row.sha256]) if row is not None else {}
+        if row is not None and row.sha256 in stored:
+            qt, qv = stored[row.sha256].times, frame_vectors(self.store, stored[row.sha256].frame_ids)
+        else:
+            _, times, qv = self.embedder.embed_video(p)
+            qt = np.asarray(times)
+        _, fids = search_frames(self.store, qv, 10)
+        owners = frame_owner(self.store, [int(f) for f in np.unique(fids) if f >= 0])
+        cands = videos(self.store, {sha for sha, _ in owners.values()})
+        scored = []
+        for sha, v in cands.items():
+            a = align(qt, qv, v.times, frame_vectors(self.store, v.frame_ids))
+            if a.coverage > 0 and (min_score is None or a.score >= min_score):
+                scored.append((sha, a))
+        rows = self.store.rows_by_sha({sha for sha, _ in scored})
+        by_sha: dict[str, list[Any]] = {}
+        for r in rows:
+            by_sha.setdefault(r.sha256, []).append(r)
+        out = [Match(r.path, a.score, r.id, time_s=max(0.0, a.offset))
+               for sha, a in scored for r in by_sha.get(sha, [])]  # fmt: skip
+        out.sort(key=lambda m: (-round(m.score, 6), m.id != (row.id if row else None), m.path))
+        return out[:k]
 
     def _self_id(self, query: Any) -> int | None:
         if isinstance(query, (int, np.integer)):

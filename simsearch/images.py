@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageLoadError
 from .media.raw import sniff_raw
+from .media.video import sniff_video
 
 __all__ = [
     "FITS",
@@ -149,13 +150,15 @@ def _sniff_ftyp(head: bytes) -> str | None:
 
 def sniff_format(path: str | os.PathLike) -> str | None:
     """Detect an image file by content; return a Pillow format name ("JPEG", "PNG", ...), "RAW" for camera RAW
-    (see `media.raw.sniff_raw`), or None.
+    (see `media.raw.sniff_raw`), "VIDEO" for a video container (`media.video`), or None.
 
     Raises OSError when the file cannot be read (missing, directory, permission denied).
     """
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
-    return "RAW" if sniff_raw(head, path) else sniff_bytes(head)
+    if sniff_raw(head, path):
+        return "RAW"
+    return "VIDEO" if sniff_video(head) else sniff_bytes(head)
 
 
 # -------------------------------------------------------------------------------------------------- discovery
@@ -421,6 +424,13 @@ def _open_stream(
 
         fp.seek(0)
         return open_raw(fp, target, max_pixels, path)
+    if sniff_video(head):
+        if path is None:
+            raise ImageLoadError("a video, not an image (index or query video files by path)")
+        from .media.video import poster  # PyAV is loaded only when a video shows up
+
+        im = poster(path, target)
+        return im, im.size
     fmt = sniff_bytes(head)
     if fmt is None:
         raise ImageLoadError("not an image (unknown format)", path)

@@ -16,7 +16,9 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..index.store import IndexStore, Row
+from ..index.videos import video_shas
 from ..media.raw import RAW_SUFFIXES
+from .videos import video_groups
 
 DEFAULT_THRESHOLD = 0.90  # cosine alone (--no-verify, or an explicit --threshold): best F1 on clothing + edits
 AUTO_THRESHOLD = 0.86  # the default: candidates from here are confirmed geometrically (benchmarks/dedup_peer.py)
@@ -171,6 +173,13 @@ def find_duplicates(
     verified = None
     if near:
         reps = [members[0] for members in by_sha.values()]  # in keep order: position = priority
+        shas = video_shas(store)
+        if shas:  # videos pair by aligned frames, never by their whole-video vector, and never with photos
+            stage("aligning videos")
+            for members, scores in video_groups(store, [r for r in reps if r.sha256 in shas]):
+                groups.append(DupGroup("near", [m.path for m in members], float(min(scores)), [m.id for m in members],
+                                       scores))  # fmt: skip
+            reps = [r for r in reps if r.sha256 not in shas]
         n = len(reps)
         stage(f"similar pairs among {len(reps)} images")
         if n >= SLOT_ORDER_MIN and rotations is None and threshold > 0:

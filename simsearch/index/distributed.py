@@ -201,6 +201,9 @@ def records_to_columns(records: list[FileRecord], dim: int) -> dict[str, np.ndar
     for i, r in enumerate(records):
         if r.vector is not None:
             vectors[i], has[i] = r.vector, True
+    video = np.empty(len(records), dtype=object)  # a video's frames travel with it: (times, vectors, info)
+    for i, r in enumerate(records):
+        video[i] = (r.frame_times, r.frames, r.video) if r.frames is not None else None
     return {
         "path": np.array([r.path for r in records], dtype=object),
         "size": np.array([r.size for r in records], np.int64),
@@ -211,6 +214,7 @@ def records_to_columns(records: list[FileRecord], dim: int) -> dict[str, np.ndar
         "error": np.array([r.error or "" for r in records], dtype=object),
         "has_vector": has,
         "vector": vectors,
+        "video": video,
     }
 
 
@@ -223,6 +227,9 @@ def columns_to_records(batch: dict[str, np.ndarray]) -> list[FileRecord]:
             str(batch["path"][i]), int(batch["size"][i]), int(batch["mtime_ns"][i]), str(batch["sha256"][i]),
             int(batch["width"][i]), int(batch["height"][i]), vec, str(batch["error"][i]) or None,
         ))  # fmt: skip
+        video = batch["video"][i] if "video" in batch else None
+        if video is not None:
+            out[-1].frame_times, out[-1].frames, out[-1].video = list(video[0]), np.asarray(video[1]), video[2]
     return out
 
 

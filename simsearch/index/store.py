@@ -41,6 +41,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATABASE = "meta.sqlite"
 VECTORS_FILE = "vectors.f32"
+FRAMES_FILE = "frames.f32"  # video frames' vectors (see `videos`)
 SEARCH_FILE = "search-{generation}.faiss"
 LOCK_FILE = "write.lock"
 # Fields of the embedder signature that must match for vectors to be comparable.
@@ -307,7 +308,7 @@ class IndexStore:
     def discard(path: str | Path) -> None:
         """Remove an index's data files (for --rebuild of a damaged index); undo manifests and trash stay."""
         path = Path(path)
-        for name in (MANIFEST, DATABASE, DATABASE + "-wal", DATABASE + "-shm", VECTORS_FILE):
+        for name in (MANIFEST, DATABASE, DATABASE + "-wal", DATABASE + "-shm", VECTORS_FILE, FRAMES_FILE):
             (path / name).unlink(missing_ok=True)
         for old in path.glob("search-*.faiss"):
             old.unlink()
@@ -485,6 +486,10 @@ class IndexStore:
         """The rows of those of `paths` that are indexed, by path."""
         return {r[1]: Row(*r) for r in self._in_query(f"SELECT {_ROW_COLS} FROM images WHERE path IN ({{}})",
                                                       list(paths))}  # fmt: skip
+
+    def rows_by_sha(self, shas: Iterable[str]) -> list[Row]:
+        """Every row holding one of these contents."""
+        return [Row(*r) for r in self._in_query(f"SELECT {_ROW_COLS} FROM images WHERE sha256 IN ({{}})", list(shas))]
 
     def all_rows(self) -> list[Row]:
         return [Row(*r) for r in self.conn.execute(f"SELECT {_ROW_COLS} FROM images ORDER BY id")]

@@ -22,27 +22,17 @@ import numpy as np
 from ..errors import BadInputError
 from ..images import scan_images
 from ..media.raw import RAW_SUFFIXES
+from ..media.video import VIDEO_SUFFIXES
 from ..models.embedder import Embedder, FileRecord
 from .store import IndexStore, Row
+from .videos import add_video
 
 ProgressFn = Callable[[int, int], None]
 NOT_AN_IMAGE = "not an image (unknown format)"
 # Files with these endings that do not decode are reported; other non-image files (notes, CSVs) are ignored.
-IMAGE_SUFFIXES = {
-    ".jpg",
-    ".jpeg",
-    ".jpe",
-    ".png",
-    ".gif",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".heic",
-    ".heif",
-    ".avif",
-    ".jp2",
-} | RAW_SUFFIXES
+STILL_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif",
+                  ".jp2"}  # fmt: skip
+IMAGE_SUFFIXES = STILL_SUFFIXES | RAW_SUFFIXES | VIDEO_SUFFIXES
 
 
 @dataclass
@@ -261,6 +251,8 @@ def _apply(
             else:
                 rid = txn.insert(rec.path, rec.size, rec.mtime_ns, rec.sha256, width, height, vector)
                 report.added += 1
+            if rec.frames is not None and rec.frame_times is not None:
+                add_video(txn, rec.sha256, rec.video or {}, rec.frame_times, rec.frames)
             if rec.sha256 not in sha_ids:
                 sha_ids[rec.sha256] = rid
                 src_vecs[rid] = np.asarray(vector, dtype=np.float32)

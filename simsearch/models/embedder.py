@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..images import FITS, ImageLoadError, load_encoded, load_image
+from ..media.video import sniff_video
 from .backbones import DEFAULT_BACKBONE, DEFAULT_POOLING, Backbone, BackboneSpec, resolve_backbone
 
 DEFAULT_FIT = "resize"
@@ -48,6 +49,9 @@ class FileRecord:
     vector: np.ndarray | None = None
     error: str | None = None
     known: bool = False  # content hash already in the index: not decoded, the stored vector is reused
+    frame_times: list[float] | None = None  # a video: the times of its sampled frames (seconds)
+    frames: np.ndarray | None = None  # ... and their vectors; `vector` is then their normalised mean
+    video: dict[str, Any] | None = None  # ... and its duration, bit rate and codec
 
 
 @dataclass
@@ -187,6 +191,13 @@ class Embedder:
     def dim(self) -> int:
         return self.backbone.dim
 
+    def embed_video(self, path: str | os.PathLike) -> tuple[dict[str, Any], list[float], np.ndarray]:
+        """A video's info, its sampled frames' times and their vectors (see `media.video` for the sampling)."""
+        info, times, pixels = decode_video(os.fspath(path), self.backbone.input_size, self.fit)
+        vecs = np.concatenate([self.embed_pixels(pixels[i : i + self.batch_size])
+                               for i in range(0, len(pixels), self.batch_size)])  # fmt: skip
+        return info, times, vecs
+
     def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
         """Embed a uint8 (N, S, S, 3) batch already at the model's input size."""
         if len(batch) == 0:
@@ -264,8 +275,8 @@ class Embedder:
         in_flight: deque[tuple[list[tuple[FileRecord, np.ndarray | None]], Future | None]] = deque()
 
         def submit(batch: list[tuple[FileRecord, np.ndarray | None]]) -> None:
-            arrays = [a for _, a in batch if a is not None]
-            x = np.ascontiguousarray(self.backbone.preprocess(np.stack(arrays)), np.float32) if arrays else None
+            arrays = [a if a.ndim == 4 else a[None] for _, a in batch if a is not None]  # a video brings its frames
+            x = np.ascontiguousarray(self.backbone.preprocess(np.concatenate(arrays)), np.float32) if arrays else None
             in_flight.append((batch, None if x is None else self._submit(x)))
 
         def collect(block: bool) -> Iterator[list[FileRecord]]:
@@ -287,7 +298,7 @@ class Embedder:
                 if not pending:
                     break
                 batch.append(pending.popleft().result())
-                if sum(a is not None for _, a in batch) >= self.batch_size or (exhausted and not pending):
+                if sum(_count(a) for _, a in batch) >= self.batch_size or (exhausted and not pending):
                     submit(batch)
                     batch = []
                     yield from collect(block=False)
@@ -317,13 +328,22 @@ def _ready(fut: Future | None) -> bool:
     return fut is None or fut.done()
 
 
+def _count(a: np.ndarray | None) -> int:
+    return 0 if a is None else (len(a) if a.ndim == 4 else 1)
+
+
 def _attach(batch: list[tuple[FileRecord, np.ndarray | None]], vecs: np.ndarray | None) -> list[FileRecord]:
-    """Give each decoded record its vector (in order) and return the records."""
+    """Give each decoded record its vector (in order; a video its frames' vectors and their mean)."""
     if vecs is not None:
-        it = iter(vecs)
+        i = 0
         for rec, a in batch:
-            if a is not None:
-                rec.vector = next(it)
+            n = _count(a)
+            if a is not None and a.ndim == 4:
+                rec.frames = vecs[i : i + n]
+                rec.vector = l2_normalise(rec.frames.mean(axis=0, keepdims=True))[0]
+            elif a is not None:
+                rec.vector = vecs[i]
+            i += n
     return [rec for rec, _ in batch]
 
 
@@ -335,6 +355,9 @@ def _read_and_decode(
         st = os.stat(path)
         rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
         with open(path, "rb") as f:
+            if sniff_video(f.read(64)):
+                return _read_video(rec, f, size, fit, known_hash)
+            f.seek(0)
             data = f.read()
     except OSError as e:
         rec.error = f"cannot read: {e.strerror or e}"
@@ -351,6 +374,38 @@ def _read_and_decode(
     except Exception as e:  # Pillow raises many types for malformed files; any of them is a per-file error
         rec.error = _one_line(e)
     return rec, None
+
+
+def _read_video(
+    rec: FileRecord, f: Any, size: int, fit: str, known_hash: Callable[[str], bool] | None
+) -> tuple[FileRecord, np.ndarray | None]:
+    """A video: hashed as it streams (never read whole), then its sampled frames at the model's input size."""
+    h = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(1 << 22):
+        h.update(chunk)
+    rec.sha256 = h.hexdigest()
+    if known_hash is not None and known_hash(rec.sha256):
+        rec.known = True
+        return rec, None
+    try:
+        rec.video, rec.frame_times, pixels = decode_video(rec.path, size, fit)
+    except ImageLoadError as e:
+        rec.error = _strip_path(str(e), rec.path)
+        return rec, None
+    rec.width, rec.height = rec.video["width"], rec.video["height"]
+    return rec, pixels
+
+
+def decode_video(path: str, size: int, fit: str) -> tuple[dict[str, Any], list[float], np.ndarray]:
+    """(info, frame times, (n, size, size, 3) uint8 frames) of a video."""
+    from ..media.video import sample_frames
+
+    info, frames = sample_frames(path, size=max(size, 64))
+    pixels = np.stack([load_image(im, size, fit) for _, im in frames])
+    meta = {"width": info.width, "height": info.height, "duration": round(info.duration_s, 3),
+            "bit_rate": info.bit_rate, "codec": info.codec}  # fmt: skip
+    return meta, [round(t, 3) for t, _ in frames], pixels
 
 
 def _strip_path(msg: str, path: str) -> str:

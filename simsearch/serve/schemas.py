@@ -20,6 +20,7 @@ class MatchOut(BaseModel):
     width: int | None
     height: int | None
     inliers: int | None = Field(None, description="RANSAC inliers against the query (only with rerank).")
+    time_s: float | None = Field(None, description="A video: seconds into it of the best-matching frame.")
 
 
 class SearchOut(BaseModel):

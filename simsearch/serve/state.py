@@ -324,7 +324,8 @@ def _matches(matches: list[Match], rows: dict[int, Row]) -> list[dict[str, Any]]
         r = rows.get(m.id)
         out.append({"id": m.id, "path": m.path, "score": round(m.score, 6),
                     "width": r.width if r else None, "height": r.height if r else None,
-                    **({"inliers": m.inliers} if m.inliers is not None else {})})  # fmt: skip
+                    **({"inliers": m.inliers} if m.inliers is not None else {}),
+                    **({"time_s": round(m.time_s, 3)} if m.time_s is not None else {})})  # fmt: skip
     return out
 
 

@@ -122,6 +122,7 @@ function showResults(res, preview) {
       el("div", { class: "name", text: baseName(m.path) }),
       el("span", { class: "score", text: m.score.toFixed(4) }),
       ...(m.inliers == null ? [] : [el("span", { class: "inliers", text: `  ${m.inliers} inliers` })]),
+      ...(m.time_s == null ? [] : [el("span", { class: "time", text: `  video, at ${m.time_s.toFixed(1)} s` })]),
       el("span", { class: "muted", text: "  " + dims(m.width, m.height) }),
     ]),
   ])));
