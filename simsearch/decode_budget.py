@@ -13,6 +13,7 @@ The server sets a waiting limit (`configure(wait_s=...)`): past it the request f
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -95,7 +96,9 @@ BUDGET = DecodeBudget(_initial_capacity())
 
 
 def configure(capacity: int | None = None, wait_s: float | None = None) -> DecodeBudget:
-    """Change the process budget's capacity and/or waiting limit (the server does this once at start)."""
+    """Change the process budget's capacity and/or waiting limit (the server does this once at start), and have
+    large allocations given back to the system when freed (`return_large_allocations`)."""
+    return_large_allocations()
     with BUDGET._cond:
         if capacity is not None:
             if capacity <= 0:
@@ -104,6 +107,26 @@ def configure(capacity: int | None = None, wait_s: float | None = None) -> Decod
         BUDGET.wait_s = wait_s
         BUDGET._cond.notify_all()
     return BUDGET
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def return_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc serve allocations of `threshold` bytes or more with mmap, so freeing them returns the memory.
+
+    By default glibc raises this threshold to the size of the last freed block (up to 32 MB), after which Pillow's
+    16 MB pixel blocks come from per-thread arenas that keep freed memory: 16 request threads that each once decoded
+    a 7000x7000 PNG held 3 GB although the budget let one decode run at a time. A fixed threshold turns that
+    dynamic raise off. Returns False where there is no glibc `mallopt` (the budget still bounds what is in flight).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def decode_cost(width: int, height: int, mode: str) -> int:

@@ -516,10 +516,13 @@ def _finish(im: Image.Image, path: str | None, owned: bool) -> Image.Image:
 
 @contextmanager
 def _decoding(
-    fp: BinaryIO, head: bytes, path: str | None, target: int | None, max_pixels: int
+    fp: BinaryIO, head: bytes, path: str | None, target: int | None, max_pixels: int, close: bool = True
 ) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
     """Decode (drafted towards ``target``) holding its memory from the decode budget until the block ends; yields
-    the upright RGB image and the size stored in the file, before draft and orientation."""
+    the upright RGB image and the size stored in the file, before draft and orientation.
+
+    With `close`, the image's pixels are freed when the block ends, before the budget is given back (a reference
+    the caller still holds would otherwise keep them alive past it)."""
     fmt = sniff_bytes(head)
     if fmt is None:
         raise UnsupportedImageError("not an image (unknown format)", path)
@@ -543,7 +546,11 @@ def _decoding(
             raise ImageLoadError(_decode_error(err), path) from err
         out = _finish(im, path, owned=True)
         del im
-        yield out, stored
+        try:
+            yield out, stored
+        finally:
+            if close:
+                out.close()
 
 
 def _open_stream(
@@ -552,7 +559,7 @@ def _open_stream(
     """Decode (drafted towards ``target``); also return the size stored in the file, before draft and orientation.
 
     The budget is held while decoding only: the caller owns the image afterwards."""
-    with _decoding(fp, head, path, target, max_pixels) as out:
+    with _decoding(fp, head, path, target, max_pixels, close=False) as out:
         return out
 
 
@@ -635,7 +642,7 @@ def _read_head(f: BinaryIO, path: str | None) -> bytes:
 
 @contextmanager
 def decoded(
-    source: str | os.PathLike | bytes | BinaryIO,
+    source: ImageSource | BinaryIO,
     target: int | None = None,
     *,
     max_pixels: int | None = None,
@@ -647,6 +654,9 @@ def decoded(
     given back when the caller is done with it. `name` names an open file in errors.
     """
     limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, (Image.Image, np.ndarray)):  # already in memory: nothing to hold
+        yield open_image(source, target, max_pixels=limit)
+        return
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
