@@ -420,6 +420,7 @@ class SimIndex:
         m["path"] = str(self.store.path)
         m["counts"] = {"images": self.store.count(), "failed": self.store.failed_count()}
         m["generation_committed"] = self.store.generation
+        m["roots"] = self.store.roots
         search = m.get("search") or {}
         m["faiss_index"] = search.get("factory") or "Flat"  # the key format 1 had: the structure's FAISS type
         files = {f.name: f.stat().st_size for f in self.store.path.iterdir() if f.is_file()}

@@ -133,7 +133,7 @@ def decode_cost(width: int, height: int, mode: str) -> int:
     """Estimated peak bytes while decoding an image of this size and mode, then converting it to RGB once.
 
     Pillow keeps RGB, RGBA, CMYK, YCbCr, I and F at 4 bytes a pixel, L, P and 1 at one, I;16 at two; conversion,
-    orientation and resizing make one more RGB-sized buffer (two when alpha is composited over white).
+    orientation and resizing make one more RGB-sized buffer (two when alpha may be composited over white).
     """
     px = int(width) * int(height)
     if mode in ("L", "P", "1"):
@@ -142,5 +142,5 @@ def decode_cost(width: int, height: int, mode: str) -> int:
         bpp = 2
     else:
         bpp = 4
-    extra = 8 if mode in ("RGBA", "LA", "PA", "RGBa", "La") else 4
+    extra = 8 if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") else 4  # P: transparency, if any, composites
     return px * (bpp + extra)

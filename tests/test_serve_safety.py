@@ -95,6 +95,9 @@ def test_index_records_its_folder_as_a_root(lib: tuple[Path, Path]) -> None:
     folder, index = lib
     with IndexStore.open(index) as s:
         assert s.roots == [os.path.realpath(folder)]
+    info = TestClient(create_app(index, warm_up=False), base_url=BASE).get("/api/info").json()
+    assert info["roots"] == [os.path.realpath(folder)]
+    assert info["server"]["max_rerank"] == 200 and info["server"]["rerank_seconds"] == 10.0
 
 
 def test_add_roots_is_durable_idempotent_and_needs_no_new_generation(tmp_path: Path) -> None:

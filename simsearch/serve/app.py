@@ -166,7 +166,8 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
             data = state.index().info()
         data["server"] = {"read_only": state.config.read_only, "move": state.config.move_to is not None,
                           "max_upload_bytes": state.config.max_upload_bytes, "max_pixels": state.config.max_pixels,
-                          "generation": state.generation}  # fmt: skip
+                          "generation": state.generation, "max_rerank": MAX_RERANK,
+                          "rerank_seconds": state.config.rerank_seconds}  # fmt: skip
         return data
 
     @api.get("/search", response_model=SearchOut, response_model_exclude_unset=True)
