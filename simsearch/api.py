@@ -10,6 +10,7 @@ for m in idx.search("query.jpg", k=5):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,9 +302,12 @@ class SimIndex:
         id), each with its `inliers`; the first `k` are returned."""
         return self.prepare_rerank(query, matches).run(k)[0]
 
-    def prepare_rerank(self, query: Any, matches: list[Match]) -> RerankJob:
+    def prepare_rerank(
+        self, query: Any, matches: list[Match], may_read: Callable[[str], bool] | None = None
+    ) -> RerankJob:
         """The index reads of a re-ranking (candidates' rows, the query's stored features), so that the slow part,
-        `RerankJob.run`, needs no access to the store (a server runs it without holding its lock)."""
+        `RerankJob.run`, needs no access to the store (a server runs it without holding its lock). `may_read(path)`
+        says which indexed files may be read for features that are not stored."""
         from .spatial.local_features import require_cv2
         from .spatial.rerank import FeatureSource
 
@@ -315,8 +319,8 @@ class SimIndex:
         live = [m for m in matches if m.id in rows]
         items = [(rows[m.id].sha256, rows[m.id].path) for m in live]
         qrow = self._query_row(query)
-        qf = self._features.features([(qrow.sha256, qrow.path)])[0] if qrow is not None else None
-        return RerankJob(self._features, query, qf, live, items)
+        qf = self._features.features([(qrow.sha256, qrow.path)], may_read)[0] if qrow is not None else None
+        return RerankJob(self._features, query, qf, live, items, may_read)
 
     def _query_row(self, query: Any) -> Any:
         """The index row a query names: an id, or the path of an indexed file that has not changed since."""
@@ -458,8 +462,10 @@ class RerankJob:
 
     CHUNK = 16
 
-    def __init__(self, features: Any, query: Any, qf: Any, live: list[Match], items: list[tuple[str, str]]) -> None:
+    def __init__(self, features: Any, query: Any, qf: Any, live: list[Match], items: list[tuple[str, str]],
+                 may_read: Callable[[str], bool] | None = None) -> None:  # fmt: skip
         self.features, self.query, self.qf, self.live, self.items = features, query, qf, live, items
+        self.may_read = may_read
 
     def run(self, k: int | None = None, seconds: float | None = None) -> tuple[list[Match], dict[str, Any]]:
         """(re-ranked matches, first `k`; {"candidates", "checked", "complete"}). With `seconds`, candidates not
@@ -471,6 +477,9 @@ class RerankJob:
 
         deadline = None if seconds is None else time.monotonic() + seconds
         qf = self.qf
+        if qf is None and isinstance(self.query, (int, np.integer)):
+            raise BadInputError(f"image {self.query}: its file cannot be read for re-ranking (gone, changed or not "
+                                "served); search without rerank")  # fmt: skip
         if qf is None:
             source = str(Path(self.query).expanduser()) if isinstance(self.query, (str, Path)) else self.query
             try:
@@ -481,7 +490,7 @@ class RerankJob:
         for a in range(0, len(self.live), self.CHUNK):
             if deadline is not None and time.monotonic() > deadline:
                 break
-            cands = self.features.features(self.items[a : a + self.CHUNK])
+            cands = self.features.features(self.items[a : a + self.CHUNK], self.may_read)
             for i, v in enumerate(verify_candidates(qf, cands), a):
                 inliers[i] = v.inliers
         order = rerank_order([m.score for m in self.live], [n or 0 for n in inliers])

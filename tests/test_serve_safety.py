@@ -361,6 +361,24 @@ def test_rerank_is_capped_and_time_bounded(lib: tuple[Path, Path], monkeypatch: 
     assert scores == sorted(scores, reverse=True)  # the rest keep their global order
 
 
+def test_rerank_reads_no_file_outside_the_roots(fresh: tuple[Path, Path], tmp_path: Path) -> None:
+    """A candidate swapped for a link to a file outside the folder is not read for features (inliers 0, although
+    the outside file is the query itself); a query whose file is not readable is a 400, not a 500."""
+    pytest.importorskip("cv2")
+    folder, index = fresh
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(folder / "astronaut.jpg", outside)
+    (folder / "camera.jpg").unlink()
+    (folder / "camera.jpg").symlink_to(outside)
+    c = TestClient(create_app(index, warm_up=False), base_url=BASE)
+    q, cam = rid(index, folder / "astronaut.jpg"), rid(index, folder / "camera.jpg")
+    out = c.get("/api/search", params={"id": q, "k": 11, "rerank": 11}).json()
+    by_id = {m["id"]: m for m in out["matches"]}
+    assert by_id[q]["inliers"] >= 100 and by_id[cam]["inliers"] == 0
+    assert c.get("/api/search", params={"id": cam, "k": 3}).status_code == 200  # the stored vector still searches
+    assert_error(c.get("/api/search", params={"id": cam, "k": 3, "rerank": 5}), 400, "cannot be read for re-ranking")
+
+
 # ---- 6. same origin only -------------------------------------------------------------------------------------------
 def test_corp_on_every_kind_of_response(client: TestClient, lib: tuple[Path, Path]) -> None:
     folder, index = lib

@@ -23,7 +23,7 @@ from ..dedup.actions import undo as undo_manifest
 from ..dedup.finder import DedupReport, DupGroup, find_duplicates
 from ..errors import BadInputError
 from ..images import DRAFT_COVERAGE, ImageLoadError, decoded, load_encoded, sniff_bytes
-from ..index.store import IndexStore, Row
+from ..index.store import IndexStore, Row, root_of
 from .errors import ConflictError, ForbiddenError, NotFoundError, TooLargeError
 from .files import check_fingerprint, open_indexed, stream
 
@@ -214,9 +214,15 @@ class ServeState:
             idx = self.index()
             _faiss_threads(1)
             matches = idx.search(image_id, k=max(k, rerank), min_score=min_score)
-            job = idx.prepare_rerank(image_id, matches) if rerank else None
+            job = idx.prepare_rerank(image_id, matches, self._may_read(idx)) if rerank else None
         return self._finish_search(job, matches, k, {"query": q.path, "query_id": q.id, "width": q.width,
                                                       "height": q.height})  # fmt: skip
+
+    @staticmethod
+    def _may_read(idx: SimIndex) -> Callable[[str], bool]:
+        """Which indexed files re-ranking may read for features the index does not store: those inside its roots."""
+        roots = idx.store.roots
+        return lambda path: root_of(os.path.realpath(path), roots) is not None
 
     def _finish_search(self, job: Any, matches: list[Match], k: int, out: dict[str, Any]) -> dict[str, Any]:
         """Re-rank (without the lock, within `RERANK_SECONDS`) when asked, then answer with the matches' rows."""
@@ -244,7 +250,7 @@ class ServeState:
             idx = self.index()
             _faiss_threads(1)
             matches = idx.search_vectors(vec, k=max(k, rerank), min_score=min_score)[0]
-            job = idx.prepare_rerank(data, matches) if rerank else None
+            job = idx.prepare_rerank(data, matches, self._may_read(idx)) if rerank else None
         return self._finish_search(job, matches, k, {"query": name or "upload", "query_id": None, "width": w,
                                                       "height": h})  # fmt: skip
 
