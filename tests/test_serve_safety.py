@@ -498,9 +498,12 @@ def test_serve_https_with_a_certificate(lib: tuple[Path, Path], tmp_path: Path) 
                              "--token", "s3cret", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env())  # fmt: skip
     try:
+        import ssl
+
+        trust = ssl.create_default_context(cafile=str(cert))
         url = f"https://127.0.0.1:{port}"
-        _wait_ready(url + "/api/info", proc, verify=str(cert))
-        r = httpx.get(url + "/api/info", headers={"authorization": "Bearer s3cret"}, verify=str(cert), timeout=10)
+        _wait_ready(url + "/api/info", proc, verify=trust)
+        r = httpx.get(url + "/api/info", headers={"authorization": "Bearer s3cret"}, verify=trust, timeout=10)
         assert r.status_code == 200 and r.json()["counts"]["images"] == 11
         assert r.headers["cross-origin-resource-policy"] == "same-origin"
         with pytest.raises(httpx.HTTPError):
