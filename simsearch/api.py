@@ -10,6 +10,7 @@ for m in idx.search("query.jpg", k=5):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,7 @@ class SimIndex:
             p = Path(query).expanduser()
             if not p.exists():
                 raise BadInputError(f"query image not found: {p}")
+            _require_file(p)  # a FIFO, device or folder: said at once, before the model is even built
             row = self._query_row(p)
             if row is not None:
                 return self.store.vectors([row.id])[0]
@@ -312,24 +314,27 @@ class SimIndex:
     def rerank(self, query: Any, matches: list[Match], k: int | None = None) -> list[Match]:
         """`matches` re-ordered by geometric verification against `query` (a path, bytes, PIL image, array or
         id), each with its `inliers`; the first `k` are returned."""
+        return self.prepare_rerank(query, matches).run(k)[0]
+
+    def prepare_rerank(
+        self, query: Any, matches: list[Match], may_read: Callable[[str], bool] | None = None
+    ) -> RerankJob:
+        """The index reads of a re-ranking (candidates' rows, the query's stored features), so that the slow part,
+        `RerankJob.run`, needs no access to the store (a server runs it without holding its lock). `may_read(path)`
+        says which indexed files may be read for features that are not stored."""
         from .spatial.local_features import require_cv2
-        from .spatial.rerank import FeatureSource, rerank_order, verify_candidates
+        from .spatial.rerank import FeatureSource
 
         require_cv2()
         if self._features is None:
             self._features = FeatureSource(self.store.path)
+        self._features._db()  # opened here, by the thread that owns the store
         rows = self.store.rows([m.id for m in matches])
         live = [m for m in matches if m.id in rows]
-        cands = self._features.features([(rows[m.id].sha256, rows[m.id].path) for m in live])
+        items = [(rows[m.id].sha256, rows[m.id].path) for m in live]
         qrow = self._query_row(query)
-        qf = self._features.features([(qrow.sha256, qrow.path)])[0] if qrow is not None else None
-        if qf is None:
-            source = str(Path(query).expanduser()) if isinstance(query, (str, Path)) else query
-            qf = self._features.extract(source)
-        found = verify_candidates(qf, cands)
-        order = rerank_order([m.score for m in live], [v.inliers for v in found])
-        out = [Match(live[i].path, live[i].score, live[i].id, found[i].inliers) for i in order]
-        return out if k is None else out[:k]
+        qf = self._features.features([(qrow.sha256, qrow.path)], may_read)[0] if qrow is not None else None
+        return RerankJob(self._features, query, qf, live, items, may_read)
 
     def _query_row(self, query: Any) -> Any:
         """The index row a query names: an id, or the path of an indexed file that has not changed since."""
@@ -457,15 +462,21 @@ class SimIndex:
             return row.id if row else None
         return None
 
-    def add_vectors(self, paths: list[str], vectors: np.ndarray) -> dict[str, int]:
+    def add_vectors(
+        self, paths: list[str], vectors: np.ndarray, roots: list[str | Path] | None = None
+    ) -> dict[str, int]:
         """Add embeddings computed elsewhere: `vectors` (n, dim) float32 for `paths` (which need not exist here).
 
         Vectors are L2-normalised if they are not; a path already in the index has its vector replaced. Wrong
         shapes, NaNs or a path count that differs: a clear error and nothing written. Holds the write lock.
+        `roots`: the folders the paths belong to, recorded as the index's roots (the server serves files inside
+        its roots only); a path outside them is refused and nothing is written.
         """
         import hashlib
 
         paths = [str(p) for p in paths]
+        if roots is not None:
+            check_within_roots(paths, roots)
         arr = np.asarray(vectors)  # may be a memory map: checked and normalised chunk by chunk, never copied whole
         if arr.ndim != 2 or arr.shape[1] != self.store.dim:
             raise BadInputError(f"vectors have shape {tuple(arr.shape)}; this index takes (n, {self.store.dim})")
@@ -481,6 +492,8 @@ class SimIndex:
         self.store.acquire_lock()
         added = replaced = 0
         try:
+            if roots:
+                self.store.add_roots([str(r) for r in roots])
             for a in range(0, len(paths), step):
                 chunk = _checked_vectors(arr[a : a + step], self.store.dim, "vectors")
                 with self.store.transaction() as txn:
@@ -503,6 +516,7 @@ class SimIndex:
         m["path"] = str(self.store.path)
         m["counts"] = {"images": self.store.count(), "failed": self.store.failed_count()}
         m["generation_committed"] = self.store.generation
+        m["roots"] = self.store.roots
         search = m.get("search") or {}
         m["faiss_index"] = search.get("factory") or "Flat"  # the key format 1 had: the structure's FAISS type
         files = {f.name: f.stat().st_size for f in self.store.path.iterdir() if f.is_file()}
@@ -532,6 +546,75 @@ def _checked_vectors(x: Any, dim: int, what: str) -> np.ndarray:
     if (norms == 0).any():
         raise BadInputError(f"{what} contain an all-zero vector")
     return np.ascontiguousarray(a / norms, dtype=np.float32)
+
+
+class RerankJob:
+    """One re-ranking, prepared by `SimIndex.prepare_rerank`: verifies candidates in order, in small chunks, so a
+    time limit can stop it between chunks; unchecked candidates then keep their global order (no `inliers`)."""
+
+    CHUNK = 16
+
+    def __init__(self, features: Any, query: Any, qf: Any, live: list[Match], items: list[tuple[str, str]],
+                 may_read: Callable[[str], bool] | None = None) -> None:  # fmt: skip
+        self.features, self.query, self.qf, self.live, self.items = features, query, qf, live, items
+        self.may_read = may_read
+
+    def run(self, k: int | None = None, seconds: float | None = None) -> tuple[list[Match], dict[str, Any]]:
+        """(re-ranked matches, first `k`; {"candidates", "checked", "complete"}). With `seconds`, candidates not
+        reached by then are left unchecked, after the verified ones, in their global order."""
+        import time
+
+        from .images import ImageLoadError
+        from .spatial.rerank import rerank_order, verify_candidates
+
+        deadline = None if seconds is None else time.monotonic() + seconds
+        qf = self.qf
+        if qf is None and isinstance(self.query, (int, np.integer)):
+            raise BadInputError(f"image {self.query}: its file cannot be read for re-ranking (gone, changed or not "
+                                "served); search without rerank")  # fmt: skip
+        if qf is None:
+            source = str(Path(self.query).expanduser()) if isinstance(self.query, (str, Path)) else self.query
+            try:
+                qf = self.features.extract(source)
+            except ImageLoadError as e:
+                raise BadInputError(str(e)) from None
+        inliers: list[int | None] = [None] * len(self.live)
+        for a in range(0, len(self.live), self.CHUNK):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            cands = self.features.features(self.items[a : a + self.CHUNK], self.may_read)
+            for i, v in enumerate(verify_candidates(qf, cands), a):
+                inliers[i] = v.inliers
+        order = rerank_order([m.score for m in self.live], [n or 0 for n in inliers])
+        out = [Match(self.live[i].path, self.live[i].score, self.live[i].id, inliers[i]) for i in order]
+        checked = sum(n is not None for n in inliers)
+        info = {"candidates": len(self.live), "checked": checked, "complete": checked == len(self.live)}
+        return (out if k is None else out[:k]), info
+
+
+def check_within_roots(paths: list[str], roots: list[str | Path]) -> None:
+    """A one-line BadInputError unless every root is an existing folder (or file) and every path, resolved (symlinks
+    followed, relative to the current folder), lies inside one of them."""
+    real_roots = []
+    for r in roots:
+        p = Path(r).expanduser()
+        if not p.exists():
+            raise BadInputError(f"root not found: {r}")
+        real_roots.append(os.path.realpath(p))
+    from .index.store import root_of
+
+    for path in paths:
+        if root_of(os.path.realpath(os.path.expanduser(path)), real_roots) is None:
+            raise BadInputError(f"{path} is outside the given roots ({', '.join(real_roots)}); nothing imported")
+
+
+def _require_file(path: Path) -> None:
+    from .images import ImageLoadError, require_regular_file
+
+    try:
+        require_regular_file(path)
+    except ImageLoadError as e:
+        raise BadInputError(str(e)) from None
 
 
 def _weights_label(w: str) -> str:

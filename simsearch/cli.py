@@ -248,7 +248,13 @@ def query_cmd(
 ) -> None:
     """Find the indexed images most similar to each IMAGE (cosine similarity, 1.0 = identical)."""
     from .api import SimIndex
+    from .images import ImageLoadError, require_regular_file
 
+    for img in images:  # before the index and the model are loaded: a FIFO or a folder is refused at once
+        try:
+            require_regular_file(img.expanduser())
+        except ImageLoadError as e:
+            raise BadInputError(f"query image {e}" if e.reason == "file not found" else str(e)) from None
     with SimIndex.open(_resolve_index(index), engine=engine) as idx:
         results = []
         for img in images:
@@ -456,12 +462,16 @@ def import_cmd(
         str, typer.Option("--backbone", help="Name recorded for a new index's vectors (they are not checked).")
     ] = "external",
     index_type: Annotated[str, typer.Option("--index-type", help="For a new index: auto, flat, ivf, ...")] = "auto",
+    root: Annotated[
+        list[Path] | None,
+        typer.Option("--root", help="Folder of the paths (repeatable): recorded; paths outside are refused."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Add embeddings computed elsewhere; a path already indexed gets the new vector."""
     import numpy as np
 
-    from .api import SimIndex
+    from .api import SimIndex, check_within_roots
     from .index.store import IndexStore
 
     for f in (vectors, paths):
@@ -474,6 +484,9 @@ def import_cmd(
     names = [line.rstrip("\n") for line in paths.expanduser().read_text(encoding="utf-8").splitlines() if line.strip()]
     if arr.ndim != 2:
         raise BadInputError(f"{vectors} has shape {arr.shape}; expected (n, dim)")
+    roots = [r.expanduser() for r in root] if root else None
+    if roots:
+        check_within_roots(names, roots)  # before the index is created: a refused import leaves nothing behind
     path = index.expanduser()
     if IndexStore.exists(path):
         idx = SimIndex.open(path)
@@ -487,7 +500,7 @@ def import_cmd(
             check_factory(index_type, int(arr.shape[1]))
         idx = SimIndex(IndexStore.create(path, sig, index_type=index_type))
     with idx:
-        res = idx.add_vectors(names, arr)
+        res = idx.add_vectors(names, arr, roots=roots)
     if as_json:
         _emit({"index": str(path.absolute()), **res})
     else:
@@ -662,13 +675,20 @@ def serve_cmd(
     move_to: Annotated[
         Path | None, typer.Option("--move-to", help="Folder that resolve with action move moves files to.")
     ] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option("--ssl-certfile", help="Serve HTTPS with this certificate (PEM; with --ssl-keyfile).")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", help="The certificate's private key (PEM).")] = (
+        None
+    ),
 ) -> None:
     """Serve an HTTP API (docs at /docs) and a web page to search the index and review duplicates."""
     from .serve.app import is_loopback, run
 
     if not is_loopback(host) and not token:
         raise BadInputError(f"--host {host} is reachable from other machines: pass --token TOKEN too")
-    run(_resolve_index(index), host=host, port=port, read_only=read_only, token=token, move_to=move_to)
+    run(_resolve_index(index), host=host, port=port, read_only=read_only, token=token, move_to=move_to,
+        ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)  # fmt: skip
 
 
 def main() -> None:

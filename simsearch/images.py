@@ -9,7 +9,13 @@ Decisions worth knowing:
   :func:`find_images` unless ``include_hidden=True``. An explicitly given root is always walked.
 * Directories are deduplicated by their real identity (device, inode), so symlink loops terminate and a folder
   reachable through two paths is walked once (at the first path in sorted order). Files are not deduplicated.
-* Only regular files are sniffed (FIFOs, sockets and devices are skipped, never opened).
+* Only regular files are sniffed or opened: a path is stat()ed before it is opened, and opened with ``O_NONBLOCK``,
+  so a FIFO, socket, device or directory given as an image is a one-line error at once, never a hang.
+* A truncated or damaged header is an :class:`ImageLoadError` like a damaged body; an image over the pixel limit is
+  an :class:`ImageTooLargeError` and a file that is no image (or of a type that cannot be read) an
+  :class:`UnsupportedImageError` (both subclasses), so a server can answer 413 and 415.
+* Every decode holds its estimated memory from the process's decode budget (:mod:`simsearch.decode_budget`) while
+  it runs; :func:`decoded` holds it until the caller is done with the full-size image.
 * Decompression bombs: images whose header declares more than ``MAX_PIXELS`` pixels are rejected before
   decoding. Pillow's ``DecompressionBombWarning`` raised while parsing the header is captured (it never leaks
   to stderr) and the limit here is the one enforced; Pillow's ``DecompressionBombError`` becomes an
@@ -25,14 +31,18 @@ import io
 import math
 import os
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .decode_budget import BUDGET, decode_cost
 from .errors import ImageLoadError
 from .media.raw import sniff_raw
 from .media.video import sniff_video
@@ -42,10 +52,15 @@ __all__ = [
     "MAX_PIXELS",
     "ImageLoadError",
     "ImageSource",
+    "ImageTooLargeError",
+    "UnsupportedImageError",
+    "decoded",
     "find_images",
     "load_encoded",
     "load_image",
+    "open_file",
     "open_image",
+    "require_regular_file",
     "scan_images",
     "sniff_bytes",
     "sniff_format",
@@ -101,6 +116,20 @@ _heif_lock = threading.Lock()
 _heif_state: dict[str, bool] = {}
 
 
+class ImageTooLargeError(ImageLoadError):
+    """The image declares more pixels than the limit (a server answers 413)."""
+
+
+class UnsupportedImageError(ImageLoadError):
+    """Not an image, or a type this installation cannot read (a server answers 415)."""
+
+
+# The header parsers raise these for files cut short or damaged in their headers.
+_HEADER_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, IndexError, TypeError, KeyError)
+
+
+OTHER_MEDIA_COST = decode_cost(6000, 4000, "RGB")  # a RAW development or a video frame: held as a 24 MP picture
+
 # --------------------------------------------------------------------------------------------------- sniffing
 
 
@@ -152,13 +181,72 @@ def sniff_format(path: str | os.PathLike) -> str | None:
     """Detect an image file by content; return a Pillow format name ("JPEG", "PNG", ...), "RAW" for camera RAW
     (see `media.raw.sniff_raw`), "VIDEO" for a video container (`media.video`), or None.
 
-    Raises OSError when the file cannot be read (missing, directory, permission denied).
+    Raises OSError when the file cannot be read (missing, directory, FIFO or device, permission denied); a FIFO or
+    device is never opened.
     """
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         head = f.read(SNIFF_BYTES)
     if sniff_raw(head, path):
         return "RAW"
     return "VIDEO" if sniff_video(head) else sniff_bytes(head)
+
+
+_KINDS = ((stat.S_ISDIR, "is a directory, not a file"), (stat.S_ISFIFO, "is a FIFO (named pipe), not a file"),
+          (stat.S_ISSOCK, "is a socket, not a file"), (stat.S_ISCHR, "is a device, not a file"),
+          (stat.S_ISBLK, "is a device, not a file"))  # fmt: skip
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this mode cannot be an image file, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((why for test, why in _KINDS if test(mode)), "not a regular file")
+
+
+def _open_regular(path: str | os.PathLike, nofollow: bool = False) -> BinaryIO:
+    """Open a regular file for reading: stat first (a FIFO or device is never opened), then open with O_NONBLOCK
+    (and O_NOFOLLOW when asked) and check the opened file again. Raises OSError with a one-line strerror."""
+    st = os.stat(path) if not nofollow else os.lstat(path)
+    why = _not_regular(st.st_mode)
+    if why is not None and not (nofollow and stat.S_ISLNK(st.st_mode)):
+        raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL, why, os.fspath(path))
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (os.O_NOFOLLOW if nofollow else 0)
+    fd = os.open(path, flags)
+    try:
+        why = _not_regular(os.fstat(fd).st_mode)
+        if why is not None:
+            raise OSError(errno.EINVAL, why, os.fspath(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def require_regular_file(path: str | os.PathLike) -> None:
+    """A one-line :class:`ImageLoadError` unless `path` is an existing regular file (stat only, nothing opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageLoadError("file not found", path) from None
+    except OSError as err:
+        raise ImageLoadError(_reason(err), path) from None
+    why = _not_regular(st.st_mode)
+    if why is not None:
+        raise ImageLoadError(why, path)
+
+
+def open_file(path: str | os.PathLike, nofollow: bool = False) -> BinaryIO:
+    """:func:`_open_regular` with failures as a one-line :class:`ImageLoadError` naming the file."""
+    try:
+        return _open_regular(path, nofollow)
+    except FileNotFoundError:
+        raise ImageLoadError("file not found", path) from None
+    except OSError as err:
+        if err.errno == errno.ELOOP and nofollow:
+            raise ImageLoadError("is a symbolic link", path) from None
+        if err.errno in (errno.EISDIR, errno.EINVAL) and err.strerror:
+            raise ImageLoadError(err.strerror, path) from None
+        raise ImageLoadError(_reason(err), path) from None
 
 
 # -------------------------------------------------------------------------------------------------- discovery
@@ -312,15 +400,22 @@ def _open_pillow(fp: io.IOBase, fmt: str, path: str | None, max_pixels: int) -> 
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             im = Image.open(fp, formats=[fmt])
     except Image.DecompressionBombError:
-        raise ImageLoadError(f"image too large (more than {max_pixels} pixels)", path) from None
+        raise ImageTooLargeError(f"image too large (more than {max_pixels} pixels)", path) from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"corrupt or unsupported {fmt} file", path) from None
+    except _HEADER_ERRORS as err:  # a header cut short (a few bytes of a JPEG) or damaged
+        raise ImageLoadError(f"truncated or damaged {fmt} header ({_one_line(err)})", path) from None
     pixels = im.size[0] * im.size[1]
     if pixels > max_pixels:
-        raise ImageLoadError(f"image too large ({pixels} pixels > {max_pixels} limit)", path)
+        raise ImageTooLargeError(f"image too large ({pixels} pixels > {max_pixels} limit)", path)
     if pixels == 0:
         raise ImageLoadError("image has zero width or height", path)
     return im
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _decode_error(err: BaseException) -> str:
@@ -412,30 +507,37 @@ def _finish(im: Image.Image, path: str | None, owned: bool) -> Image.Image:
     return out
 
 
-def _open_stream(
-    fp: io.IOBase, head: bytes, path: str | None, target: int | None, max_pixels: int, name: str | None = None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode (drafted towards ``target``); also return the size stored in the file, before draft and orientation.
+@contextmanager
+def _decoding(
+    fp: BinaryIO,
+    head: bytes,
+    path: str | None,
+    target: int | None,
+    max_pixels: int,
+    close: bool = True,
+    name: str | None = None,
+) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
+    """Decode (drafted towards ``target``) holding its memory from the decode budget until the block ends; yields
+    the upright RGB image and the size stored in the file, before draft and orientation.
 
-    Camera RAW goes to `media.raw` (`name`, the file's name, tells TIFF-based RAW from TIFF when there is no path).
-    """
-    if sniff_raw(head, path or name):
-        from .media.raw import open_raw  # rawpy is loaded only when a RAW file shows up
-
-        fp.seek(0)
-        return open_raw(fp, target, max_pixels, path)
-    if sniff_video(head):
-        if path is None:
-            raise ImageLoadError("a video, not an image (index or query video files by path)")
-        from .media.video import poster  # PyAV is loaded only when a video shows up
-
-        im = poster(path, target)
-        return im, im.size
+    With `close`, the image's pixels are freed when the block ends, before the budget is given back (a reference
+    the caller still holds would otherwise keep them alive past it). Camera RAW goes to `media.raw` (`name`, the
+    file's name, tells TIFF-based RAW from TIFF when there is no path) and a video gives its poster frame
+    (`media.video`), each holding the budget of a large picture."""
+    if sniff_raw(head, path or name) or sniff_video(head):
+        with BUDGET.hold(OTHER_MEDIA_COST):
+            out, stored = _open_other_media(fp, head, path, target, max_pixels, name)
+            try:
+                yield out, stored
+            finally:
+                if close:
+                    out.close()
+        return
     fmt = sniff_bytes(head)
     if fmt is None:
-        raise ImageLoadError("not an image (unknown format)", path)
+        raise UnsupportedImageError("not an image (unknown format)", path)
     if fmt in ("HEIF", "AVIF") and not _ensure_heif_support(fmt):
-        raise ImageLoadError(f"{fmt} image: install the optional pillow-heif package to read it", path)
+        raise UnsupportedImageError(f"{fmt} image: install the optional pillow-heif package to read it", path)
     fp.seek(0)
     im = _open_pillow(fp, fmt, path, max_pixels)
     stored = im.size
@@ -443,12 +545,48 @@ def _open_stream(
         if target is not None and im.format in ("JPEG", "MPO"):
             t = max(1, math.ceil(target * DRAFT_COVERAGE))
             im.draft("RGB", (t, t))
-        im.load()
-    except ImageLoadError:
-        raise
     except Exception as err:
         raise ImageLoadError(_decode_error(err), path) from err
-    return _finish(im, path, owned=True), stored
+    with BUDGET.hold(decode_cost(im.size[0], im.size[1], im.mode)):
+        try:
+            im.load()
+        except ImageLoadError:
+            raise
+        except Exception as err:
+            raise ImageLoadError(_decode_error(err), path) from err
+        out = _finish(im, path, owned=True)
+        del im
+        try:
+            yield out, stored
+        finally:
+            if close:
+                out.close()
+
+
+def _open_other_media(
+    fp: BinaryIO, head: bytes, path: str | None, target: int | None, max_pixels: int, name: str | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    if sniff_raw(head, path or name):
+        from .media.raw import open_raw  # rawpy is loaded only when a RAW file shows up
+
+        fp.seek(0)
+        return open_raw(fp, target, max_pixels, path)
+    if path is None:
+        raise UnsupportedImageError("a video, not an image (index or query video files by path)")
+    from .media.video import poster  # PyAV is loaded only when a video shows up
+
+    im = poster(path, target)
+    return im, im.size
+
+
+def _open_stream(
+    fp: BinaryIO, head: bytes, path: str | None, target: int | None, max_pixels: int, name: str | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode (drafted towards ``target``); also return the size stored in the file, before draft and orientation.
+
+    The budget is held while decoding only: the caller owns the image afterwards."""
+    with _decoding(fp, head, path, target, max_pixels, close=False, name=name) as out:
+        return out
 
 
 def _open_bytes(
@@ -503,7 +641,7 @@ def open_image(
         return _from_array(source)
     if isinstance(source, Image.Image):
         if source.size[0] * source.size[1] > limit:
-            raise ImageLoadError(f"image too large ({source.size[0] * source.size[1]} pixels > {limit} limit)")
+            raise ImageTooLargeError(f"image too large ({source.size[0] * source.size[1]} pixels > {limit} limit)")
         try:
             source.load()
         except Exception as err:
@@ -515,27 +653,54 @@ def open_image(
         raise TypeError(f"unsupported image source type {type(source).__name__}")
 
     path = os.fspath(source)
+    with open_file(path) as f:
+        head = _read_head(f, path)
+        return _open_stream(f, head, path, target, limit)[0]
+
+
+def _read_head(f: BinaryIO, path: str | None) -> bytes:
     try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise ImageLoadError("file not found", path) from None
-    except IsADirectoryError:
-        raise ImageLoadError("is a directory, not a file", path) from None
+        head = f.read(SNIFF_BYTES)
     except OSError as err:
         raise ImageLoadError(_reason(err), path) from None
-    with f:
-        try:
-            st = os.fstat(f.fileno())
-            if stat.S_ISDIR(st.st_mode):
-                raise ImageLoadError("is a directory, not a file", path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageLoadError("not a regular file", path)
-            if st.st_size == 0:
-                raise ImageLoadError("empty file (0 bytes)", path)
-            head = f.read(SNIFF_BYTES)
-        except OSError as err:
-            raise ImageLoadError(_reason(err), path) from None
-        return _open_stream(f, head, path, target, limit)[0]
+    if not head:
+        raise ImageLoadError("empty file (0 bytes)", path)
+    return head
+
+
+@contextmanager
+def decoded(
+    source: ImageSource | BinaryIO,
+    target: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    name: str | None = None,
+) -> Iterator[Image.Image]:
+    """:func:`open_image` of a path, bytes or an open binary file, holding the decode budget for the whole block.
+
+    Use it where the full-size image lives on after decoding (thumbnails, local features): the memory is only
+    given back when the caller is done with it. `name` names an open file in errors.
+    """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, (Image.Image, np.ndarray)):  # already in memory: nothing to hold
+        yield open_image(source, target, max_pixels=limit)
+        return
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageLoadError("empty data (0 bytes)")
+        with _decoding(io.BytesIO(data), data[:SNIFF_BYTES], None, target, limit) as (im, _):
+            yield im
+        return
+    if hasattr(source, "read"):
+        f = source  # type: ignore[assignment]
+        f.seek(0)
+        with _decoding(f, _read_head(f, name), name, target, limit) as (im, _):
+            yield im
+        return
+    path = os.fspath(source)  # type: ignore[arg-type]
+    with open_file(path) as f, _decoding(f, _read_head(f, path), path, target, limit) as (im, _):
+        yield im
 
 
 def _check_size(size: int, fit: str) -> None:
@@ -582,8 +747,11 @@ def load_encoded(
     in a TIFF container (DNG, NEF, ...) from TIFF.
     """
     _check_size(size, fit)
-    im, stored = _open_bytes(data, size, MAX_PIXELS if max_pixels is None else max_pixels, name)
-    return _pixels(fit_image(im, size, fit), writeable=False), stored
+    if not data:
+        raise ImageLoadError("empty data (0 bytes)")
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    with _decoding(io.BytesIO(data), data[:SNIFF_BYTES], None, size, limit, name=name) as (im, stored):
+        return _pixels(fit_image(im, size, fit), writeable=False), stored
 
 
 def _pixels(im: Image.Image, writeable: bool = True) -> np.ndarray:

@@ -171,7 +171,7 @@ def test_permission_denied_simulated(tmp_path: Path, monkeypatch) -> None:
     def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(args[0]))
 
-    monkeypatch.setattr(si, "open", deny, raising=False)
+    monkeypatch.setattr(si.os, "open", deny)  # images are opened with os.open (O_NONBLOCK, after a stat)
     _assert_error(p, "cannot read: permission denied")
     images, skipped = scan_images(tmp_path)
     assert images == [] and skipped == [(p, "cannot read: permission denied")]
@@ -307,6 +307,100 @@ def test_fifo_is_not_opened(tmp_path: Path) -> None:
     images, skipped = scan_images(tmp_path)
     assert [p.name for p in images] == ["a.png"]
     assert (tmp_path / "pipe.jpg", "not a regular file") in skipped
+
+
+def _jpeg_with_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    _pattern(120, 90).save(buf, "JPEG", exif=exif, icc_profile=b"x" * 300)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "PPM", "GIF", "TIFF"])
+def test_every_truncated_header_is_an_image_load_error(fmt: str) -> None:
+    """Files cut anywhere in their first bytes (headers, EXIF, ICC) fail as ImageLoadError, never OSError/ValueError:
+    header parsers raise those ("Truncated File Read"), which the server answered with 500."""
+    if fmt == "JPEG":
+        data = _jpeg_with_exif()
+    else:
+        buf = io.BytesIO()
+        _pattern(120, 90).save(buf, fmt)
+        data = buf.getvalue()
+    for n in range(1, min(len(data) - 24, 600)):  # a PNG or GIF cut in its trailer (IEND, 0x3B) still decodes
+        with pytest.raises(ImageLoadError) as info:
+            load_encoded(data[:n], 32)
+        assert "\n" not in str(info.value)
+
+
+def test_header_only_and_cut_jpegs_and_pngs(tmp_path: Path) -> None:
+    data = _jpeg_with_exif()
+    sos = data.index(b"\xff\xda")
+    cut_idat = _png_header_only(64, 64)[:-12] + _png_chunk(b"IDAT", zlib.compress(b"\0" * 999)[:20])
+    cases = {"soi-app0.jpg": data[:20], "header-only.jpg": data[:sos], "cut-scan.jpg": data[: sos + 40],
+             "cut-idat.png": cut_idat}  # fmt: skip
+    for name, content in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(ImageLoadError) as info:
+            load_image(p, 32)
+        assert str(p) in str(info.value) and type(info.value) is ImageLoadError
+
+
+def test_too_large_and_unsupported_are_distinct_kinds(tmp_path: Path) -> None:
+    bomb = io.BytesIO()
+    Image.new("L", (300, 300)).save(bomb, "PNG")
+    with pytest.raises(si.ImageTooLargeError):
+        load_encoded(bomb.getvalue(), 32, max_pixels=1000)
+    with pytest.raises(si.UnsupportedImageError, match="not an image"):
+        load_encoded(b"plain text, no image", 32)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
+def test_fifo_given_as_an_image_fails_at_once(tmp_path: Path) -> None:
+    """open_image and sniff_format stat before opening: a FIFO with no writer would block a plain open() forever."""
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def attempt() -> None:
+        for fn in (lambda: open_image(fifo), lambda: load_image(fifo, 32), lambda: sniff_format(fifo),
+                   lambda: si.require_regular_file(fifo), lambda: si.decoded(fifo).__enter__()):  # fmt: skip
+            try:
+                fn()
+            except (ImageLoadError, OSError) as e:
+                errors.append(e)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    if t.is_alive():  # unblock the hung open before failing
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("opening a FIFO as an image blocked")
+    assert len(errors) == 5 and all("FIFO" in str(e) for e in errors), errors
+    with pytest.raises(ImageLoadError, match="is a device"):
+        open_image("/dev/null")
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        open_image(tmp_path)
+
+
+def test_decoded_holds_the_budget_until_the_block_ends(tmp_path: Path) -> None:
+    from simsearch.decode_budget import BUDGET, decode_cost
+
+    p = _save(_pattern(400, 300), tmp_path / "a.png", "PNG")
+    before = BUDGET.in_flight
+    with si.decoded(p) as im:
+        assert im.size == (400, 300)
+        assert BUDGET.in_flight - before == decode_cost(400, 300, "RGB")
+    assert BUDGET.in_flight == before
+    with open(p, "rb") as f, si.decoded(f, target=64, name="upload") as im2:
+        assert im2.size == (400, 300)
+    with pytest.raises(ImageLoadError, match="upload"), si.decoded(io.BytesIO(b"\x89PNG\r\n\x1a\n"), name="upload"):
+        pass
+    assert BUDGET.in_flight == before
 
 
 def test_find_images_single_file_and_missing_root(tmp_path: Path) -> None:

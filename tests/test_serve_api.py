@@ -145,19 +145,21 @@ def test_search_rerank_reports_inliers(client: TestClient, lib: tuple[Path, Path
 @pytest.mark.parametrize(
     "params, text",
     [({"id": 1, "k": 0}, "k"), ({"id": 1, "k": "x"}, "k"), ({"id": 1, "min_score": 2}, "min_score"),
-     ({"id": "abc"}, "id"), ({"id": -3}, "id"), ({}, "id"), ({"id": 1, "rerank": -1}, "rerank"),
+     ({"id": "abc"}, "id"), ({"id": "1.5"}, "id"), ({}, "id"), ({"id": 1, "rerank": -1}, "rerank"),
      ({"id": 1, "rerank": 1000}, "rerank")],
 )  # fmt: skip
 def test_search_bad_parameters_are_400(client: TestClient, params: dict, text: str) -> None:
     assert_error(client.get("/api/search", params=params), 400, text)
 
 
-def test_search_unknown_id_is_404(client: TestClient) -> None:
-    assert_error(client.get("/api/search", params={"id": 99999}), 404, "no image with id 99999")
+@pytest.mark.parametrize("rid", [99999, -3, 2**63, -(2**63) - 1, 10**30])
+def test_search_unknown_id_is_404(client: TestClient, rid: int) -> None:
+    """Any integer that is no id of the index, even outside SQLite's range (it was 500), is 404."""
+    assert_error(client.get("/api/search", params={"id": rid}), 404, f"no image with id {rid}")
 
 
 def test_upload_errors(client: TestClient, lib: tuple[Path, Path]) -> None:
-    assert_error(client.post("/api/search", files={"image": ("x.jpg", b"not an image at all")}), 400, "not an image")
+    assert_error(client.post("/api/search", files={"image": ("x.jpg", b"not an image at all")}), 415, "not an image")
     truncated = (lib[0] / "rocket.jpg").read_bytes()[:2000]
     assert_error(client.post("/api/search", files={"image": ("t.jpg", truncated)}), 400)
     assert_error(client.post("/api/search", files={"image": ("e.jpg", b"")}), 400)
@@ -174,7 +176,7 @@ def test_upload_limits(lib: tuple[Path, Path]) -> None:
     bomb = io.BytesIO()
     Image.new("L", (2000, 2000)).save(bomb, "PNG", optimize=True)
     assert len(bomb.getvalue()) < 5000
-    assert_error(c.post("/api/search", files={"image": ("bomb.png", bomb.getvalue())}), 400, "too large")
+    assert_error(c.post("/api/search", files={"image": ("bomb.png", bomb.getvalue())}), 413, "too large")
     # over the byte limit: caught while reading the upload, and from Content-Length before parsing
     noisy = Image.effect_noise((200, 200), 80).convert("RGB")
     buf = io.BytesIO()

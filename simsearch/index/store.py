@@ -112,6 +112,14 @@ class Row:
 _ROW_COLS = "id, path, size, mtime_ns, sha256, width, height"
 
 
+def root_of(real: str, roots: Iterable[str]) -> str | None:
+    """The longest of `roots` (real paths) that holds the resolved path `real`, or None: outside them all."""
+    for root in sorted(roots, key=len, reverse=True):
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return root
+    return None
+
+
 def _faiss() -> Any:
     import faiss
 
@@ -359,6 +367,39 @@ class IndexStore:
                 f"(weights {mine.get('weights')}); the requested model differs ({'; '.join(diffs)}). "
                 f"Use --rebuild to re-index with the new model, or another --index"
             )
+
+    # ---- roots: the folders this index covers ------------------------------------------------------------------
+    @property
+    def roots(self) -> list[str]:
+        """The folders (or single files) this index covers, as absolute real paths, sorted: every folder `index`
+        synced and every `--root` given to `import`. Empty for an index made before simsearch recorded them (and for
+        imports without roots): such an index's files are not served until its folder is synced again."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key='roots'").fetchone()
+        if row is None:
+            return []
+        try:
+            values = json.loads(row[0])
+        except ValueError as e:
+            raise IndexCorruptError(f"index {self.path} has a damaged list of roots ({e}); run `simsearch index "
+                                    "FOLDER` again") from e  # fmt: skip
+        return [v for v in values if isinstance(v, str)] if isinstance(values, list) else []
+
+    def add_roots(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Record folders (or files) as roots of this index, by real path; known ones are skipped.
+
+        Call it under the writer lock. Inside `transaction()` it commits with the transaction; otherwise it commits
+        at once (a SQLite commit, as durable as the rows). The generation does not move: roots change no rows.
+        """
+        have = self.roots
+        new = sorted({os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(p)))) for p in paths} - set(have))
+        if not new:
+            return
+        value = json.dumps(sorted(have + new))
+        if self.conn.in_transaction:
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('roots', ?)", (value,))
+            return
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('roots', ?)", (value,))
 
     # ---- locking -----------------------------------------------------------------------------------------------
     def acquire_lock(self) -> None:

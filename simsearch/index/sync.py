@@ -106,6 +106,7 @@ def sync_folder(
         raise BadInputError(f"folder not found: {root}")
     root = Path(os.path.abspath(root))
     report = SyncReport(index=str(store.path))
+    store.add_roots([root])  # before any row under it commits: the server serves files inside the roots only
 
     found, walk_skips = scan_images(root, exclude=[store.path])
     paths = [str(p) for p in found]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInputError
-from ..images import FITS, ImageLoadError, load_encoded, load_image
+from ..images import FITS, ImageLoadError, load_encoded, load_image, open_file
 from ..media.video import sniff_video
 from .backbones import DEFAULT_BACKBONE, DEFAULT_POOLING, Backbone, BackboneSpec, resolve_backbone
 
@@ -352,13 +352,16 @@ def _read_and_decode(
 ) -> tuple[FileRecord, np.ndarray | None]:
     rec = FileRecord(path)
     try:
-        st = os.stat(path)
-        rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
-        with open(path, "rb") as f:
+        with open_file(path) as f:  # a FIFO or device swapped in since the walk is refused, never read
+            st = os.fstat(f.fileno())
+            rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
             if sniff_video(f.read(64)):
                 return _read_video(rec, f, size, fit, known_hash)
             f.seek(0)
             data = f.read()
+    except ImageLoadError as e:
+        rec.error = e.reason
+        return rec, None
     except OSError as e:
         rec.error = f"cannot read: {e.strerror or e}"
         return rec, None

@@ -1,8 +1,11 @@
 """The FastAPI application: JSON endpoints over `ServeState`, the web page, and the security checks.
 
 Every error is JSON `{"error": message}`. Files are only ever named by index id, so no request can reach a path the
-index does not hold. Requests must carry a loopback Host header unless a token is set (DNS rebinding), and requests
-that change files must come from this origin (CSRF).
+index does not hold, and an indexed file is only sent while it is inside the index's roots and unchanged since
+indexing (`serve.files`). Requests must carry a loopback Host header unless a token is set (DNS rebinding), requests
+that change files must come from this origin (CSRF), and every response is `Cross-Origin-Resource-Policy:
+same-origin`; requests a browser marks as coming from another site (`Sec-Fetch-Site: cross-site` or `same-site`)
+are refused, but for top-level navigations to the page.
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import decode_budget
 from ..dedup.finder import DEFAULT_THRESHOLD
 from ..errors import BadInputError, IndexLockedError, IndexStoreError, SimsearchError
-from ..images import ImageLoadError
+from ..images import ImageLoadError, ImageTooLargeError, UnsupportedImageError
 from .schemas import DuplicatesOut, ErrorOut, ResolveIn, ResolveOut, SearchOut, UndoIn, UndoListOut, UndoOut
 from .state import (
+    DECODE_WAIT_SECONDS,
+    RERANK_SECONDS,
     THUMB_SIZES,
     ConflictError,
     ForbiddenError,
@@ -52,6 +59,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (ForbiddenError, 403),
     (BadInputError, 400),
     (IndexStoreError, 503),
+    (decode_budget.DecodeBusyError, 503),
     (SimsearchError, 400),
 ]
 
@@ -68,7 +76,8 @@ def is_loopback(host: str) -> bool:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """A JSON error, with the security headers (some errors are sent past `Guard`: its refusals, 500s)."""
+    return JSONResponse({"error": message}, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
 
 
 def create_app(
@@ -80,10 +89,18 @@ def create_app(
     max_pixels: int | None = None,
     engine: str = "auto",
     warm_up: bool = True,
+    decode_bytes: int | None = None,
+    rerank_seconds: float | None = RERANK_SECONDS,
 ) -> FastAPI:
-    """The app for one index. With a token, /api needs `Authorization: Bearer TOKEN` and any Host is accepted."""
+    """The app for one index. With a token, /api needs `Authorization: Bearer TOKEN` and any Host is accepted.
+
+    `decode_bytes` sets the process's decode budget (default `decode_budget.DEFAULT_BUDGET`, 512 MiB): decoded
+    pixels in memory at once over all requests; a request waits at most `DECODE_WAIT_SECONDS` for its share (503).
+    `rerank_seconds` bounds the geometric verification of one search (None: no limit).
+    """
     cfg = ServeConfig(read_only=read_only, move_to=Path(move_to).expanduser().absolute() if move_to else None,
-                      engine=engine)  # fmt: skip
+                      engine=engine, rerank_seconds=rerank_seconds)  # fmt: skip
+    decode_budget.configure(decode_bytes, wait_s=DECODE_WAIT_SECONDS)
     if max_upload_bytes is not None:
         cfg.max_upload_bytes = max_upload_bytes
     if max_pixels is not None:
@@ -130,9 +147,14 @@ class _Unauthorised(Exception):
 
 K = Annotated[int, Query(ge=1, le=1000, description="Number of matches.")]
 MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description="Only matches with cosine >= this.")]
+MAX_RERANK = 200
 Rerank = Annotated[
-    int, Query(ge=0, le=200, description="Verify the top N geometrically (same object or scene first); 0 = off.")
-]
+    int,
+    Query(ge=0, le=MAX_RERANK, description=f"Verify the top N geometrically (same object or scene first); 0 = off. "
+          f"At most {MAX_RERANK}, and for at most {RERANK_SECONDS:g} s: candidates not reached by then keep their "
+          "global order, without inliers (see `rerank` in the answer)."),
+]  # fmt: skip
+ImageId = Annotated[int, PathParam(description="Id of an indexed image; any other integer is 404.")]
 
 
 def _add_routes(api: APIRouter, state: ServeState) -> None:
@@ -144,12 +166,13 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
             data = state.index().info()
         data["server"] = {"read_only": state.config.read_only, "move": state.config.move_to is not None,
                           "max_upload_bytes": state.config.max_upload_bytes, "max_pixels": state.config.max_pixels,
-                          "generation": state.generation}  # fmt: skip
+                          "generation": state.generation, "max_rerank": MAX_RERANK,
+                          "rerank_seconds": state.config.rerank_seconds}  # fmt: skip
         return data
 
     @api.get("/search", response_model=SearchOut, response_model_exclude_unset=True)
     def search_by_id(
-        id: Annotated[int, Query(ge=0, description="Id of an indexed image (more like this).")],
+        id: Annotated[int, Query(description="Id of an indexed image (more like this); any other integer is 404.")],
         k: K = 10,
         min_score: MinScore = None,
         rerank: Rerank = 0,
@@ -168,14 +191,18 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
         data = await image.read(state.config.max_upload_bytes + 1)
         return await run_in_threadpool(state.search_upload, data, image.filename, k, min_score, rerank)
 
-    @api.get("/images/{image_id}")
-    def image_file(image_id: int) -> FileResponse:
-        """The indexed file itself."""
-        path, media = state.file_of(image_id)
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=60"})
+    @api.get("/images/{image_id}", response_class=StreamingResponse)
+    def image_file(image_id: ImageId) -> StreamingResponse:
+        """The indexed file itself, if it is inside the index's folders, unchanged since indexing, and decodes as
+        the image type it is sent as (404 / 409 otherwise)."""
+        body, media, length = state.original(image_id)
+        return StreamingResponse(body, media_type=media, headers={"Cache-Control": "private, max-age=60",
+                                                                  "Content-Length": str(length)})  # fmt: skip
 
     @api.get("/images/{image_id}/thumbnail")
-    def thumbnail(image_id: int, size: Annotated[int, Query(ge=THUMB_SIZES[0], le=THUMB_SIZES[1])] = 256) -> Response:
+    def thumbnail(
+        image_id: ImageId, size: Annotated[int, Query(ge=THUMB_SIZES[0], le=THUMB_SIZES[1])] = 256
+    ) -> Response:
         """An upright JPEG whose longer side is at most `size` (cached)."""
         return Response(state.thumbnail(image_id, size), media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=60"})  # fmt: skip
@@ -215,7 +242,8 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ImageLoadError)
     async def image_error(request: Request, exc: ImageLoadError) -> JSONResponse:
-        return _error(400, str(exc))
+        status = 413 if isinstance(exc, ImageTooLargeError) else 415 if isinstance(exc, UnsupportedImageError) else 400
+        return _error(status, str(exc))
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(request: Request, exc: _Unauthorised) -> JSONResponse:
@@ -239,7 +267,8 @@ def _install_errors(app: FastAPI) -> None:
 
 
 class Guard:
-    """Pure ASGI checks before routing: Host (DNS rebinding), Origin of changing requests (CSRF), body size."""
+    """Pure ASGI checks before routing: Host (DNS rebinding), requests from other sites (Sec-Fetch-Site), Origin of
+    changing requests (CSRF), body size; and the security headers on every response."""
 
     def __init__(self, app: Any, token: str | None, max_upload: int) -> None:
         self.app = app
@@ -252,7 +281,7 @@ class Guard:
             return await self.app(scope, receive, send)
         refusal = self._refusal(scope)
         if refusal is not None:
-            return await refusal(scope, receive, send)
+            return await refusal(scope, receive, send)  # made by _error: it carries the security headers
 
         received = 0
         refused = False  # a body over the limit without Content-Length (chunked): answered 413 while it streams
@@ -272,7 +301,8 @@ class Guard:
             if refused:
                 return  # the app's answer to the cut-off body: the 413 was already sent
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *_SECURITY_HEADERS]
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *(h for h in _SECURITY_HEADERS if h[0] not in have)]
             await send(message)
 
         await self.app(scope, counting_receive, send_with_headers)
@@ -283,6 +313,9 @@ class Guard:
         host = urlsplit(f"//{host_header}").hostname or ""
         if self.token is None and not is_loopback(host):
             return _error(400, "unexpected Host header: without --token this server answers only localhost")
+        site = headers.get("sec-fetch-site", "").lower()
+        if site in ("cross-site", "same-site") and not _page_navigation(scope, headers):
+            return _error(403, f"request from another site refused (Sec-Fetch-Site: {site})")
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return None
         origin = headers.get("origin")
@@ -297,11 +330,21 @@ class Guard:
         return None
 
 
-_SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-]
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Resource-Policy": "same-origin",  # no other site may embed a thumbnail or read a response
+}
+_SECURITY_HEADERS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+
+def _page_navigation(scope: dict, headers: dict[str, str]) -> bool:
+    """A link followed from another site to the page (or its static files, docs), not to the API: a top-level GET
+    navigation, which shows the page to the user and gives the other site nothing."""
+    return (scope["method"] in ("GET", "HEAD") and headers.get("sec-fetch-mode") == "navigate"
+            and headers.get("sec-fetch-dest", "document") == "document"
+            and not scope.get("path", "").startswith("/api"))  # fmt: skip
 
 
 def run(
@@ -312,13 +355,43 @@ def run(
     token: str | None = None,
     move_to: str | Path | None = None,
     log_level: str = "info",
+    ssl_certfile: str | Path | None = None,
+    ssl_keyfile: str | Path | None = None,
 ) -> None:
-    """Serve until interrupted (one process; requests run on uvicorn's thread pool)."""
+    """Serve until interrupted (one process; requests run on uvicorn's thread pool); HTTPS with a certificate."""
     import uvicorn
 
     if not is_loopback(host) and not token:
         raise BadInputError(f"--host {host} is reachable from other machines: pass --token TOKEN too")
+    tls = check_tls(ssl_certfile, ssl_keyfile)
+    if token and not tls and not is_loopback(host):
+        print(
+            f"simsearch: warning: the token travels in clear text over plain HTTP to {host}; anyone on the network "
+            "path can read it: pass --ssl-certfile/--ssl-keyfile, or put an HTTPS proxy in front",
+            file=sys.stderr,
+        )
     app = create_app(index_path, read_only=read_only, token=token, move_to=move_to)
     shown = f"[{host}]" if ":" in host else host
-    print(f"simsearch: serving {app.state.simsearch.path} at http://{shown}:{port}/ (API docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
+    scheme = "https" if tls else "http"
+    print(f"simsearch: serving {app.state.simsearch.path} at {scheme}://{shown}:{port}/ (API docs: /docs)",
+          file=sys.stderr)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, **tls)
+
+
+def check_tls(certfile: str | Path | None, keyfile: str | Path | None) -> dict[str, str]:
+    """uvicorn's TLS options, after checking the certificate and key load (a one-line error otherwise)."""
+    if certfile is None and keyfile is None:
+        return {}
+    if certfile is None or keyfile is None:
+        raise BadInputError("--ssl-certfile and --ssl-keyfile go together")
+    import ssl
+
+    cert, key = Path(certfile).expanduser(), Path(keyfile).expanduser()
+    for f in (cert, key):
+        if not f.is_file():
+            raise BadInputError(f"file not found: {f}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise BadInputError(f"cannot use {cert} with {key} for HTTPS: {' '.join(str(e).split())}") from None
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}

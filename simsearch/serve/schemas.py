@@ -23,12 +23,19 @@ class MatchOut(BaseModel):
     time_s: float | None = Field(None, description="A video: seconds into it of the best-matching frame.")
 
 
+class RerankOut(BaseModel):
+    candidates: int = Field(description="Candidates to verify (the top `rerank` of the global ranking).")
+    checked: int = Field(description="Candidates verified before the time limit; the others have no `inliers`.")
+    complete: bool = Field(description="Whether every candidate was verified in time.")
+
+
 class SearchOut(BaseModel):
     query: str = Field(description="The indexed file's path, or the uploaded file's name.")
     query_id: int | None = Field(description="Index id of the query (null for an upload).")
     width: int | None
     height: int | None
     matches: list[MatchOut]
+    rerank: RerankOut | None = Field(None, description="Only with rerank: how much of it was done in time.")
 
 
 class MemberOut(BaseModel):

@@ -10,9 +10,10 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -22,36 +23,25 @@ from ..dedup.actions import apply_plan, plan_files, undo_list
 from ..dedup.actions import undo as undo_manifest
 from ..dedup.finder import DedupReport, DupGroup, find_duplicates
 from ..dedup.journal import recover, recovery_message
-from ..errors import BadInputError, IndexLockedError, SimsearchError
-from ..images import DRAFT_COVERAGE, load_encoded, open_image, sniff_format
-from ..index.store import IndexStore, Row
+from ..errors import BadInputError, IndexLockedError
+from ..images import DRAFT_COVERAGE, ImageLoadError, decoded, load_encoded, sniff_bytes
+from ..index.store import IndexStore, Row, root_of
+from .errors import ConflictError, ForbiddenError, NotFoundError, TooLargeError
+from .files import check_fingerprint, open_indexed, stream
 
 log = logging.getLogger("simsearch.serve")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 50_000_000  # 8660 x 5773: far above any camera, far below a decompression bomb
 THUMB_SIZES = (16, 1024)
 THUMB_CACHE_BYTES = 64 * 1024 * 1024
+RERANK_SECONDS = 10.0  # re-ranking stops checking candidates after this; the rest keep their global order
+DECODE_WAIT_SECONDS = 45.0  # longest wait for the decode budget before answering 503 (a burst of huge images)
 _UNDO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.json")  # fullmatch: no path, no trailing newline
 THRESHOLD_RANGE = (0.80, 1.0)  # the page's threshold field; resolve refuses anything else
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
                 "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif",
-                "AVIF": "image/avif"}  # fmt: skip
-
-
-class NotFoundError(SimsearchError):
-    """An id or file the request named does not exist (HTTP 404)."""
-
-
-class ConflictError(SimsearchError):
-    """The request no longer matches the index (HTTP 409): a group changed since it was listed."""
-
-
-class TooLargeError(SimsearchError):
-    """An upload over the byte limit (HTTP 413)."""
-
-
-class ForbiddenError(SimsearchError):
-    """A change refused by configuration, e.g. a read-only server (HTTP 403)."""
+                "AVIF": "image/avif", "ICO": "image/x-icon"}  # fmt: skip
+MAX_ID = 2**63 - 1  # SQLite's largest rowid: a larger id is no image of any index
 
 
 @dataclass
@@ -61,6 +51,7 @@ class ServeConfig:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_pixels: int = MAX_UPLOAD_PIXELS
     engine: str = "auto"
+    rerank_seconds: float | None = RERANK_SECONDS
 
 
 class ThumbnailCache:
@@ -72,15 +63,15 @@ class ThumbnailCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, path: str, size: int) -> bytes:
-        st = os.stat(path)
-        key = (path, size, st.st_size, st.st_mtime_ns)
+    def get(self, st: os.stat_result, size: int, make: Callable[[], bytes]) -> bytes:
+        """The thumbnail of the opened file whose fstat is `st` (cached by device, inode, size and mtime)."""
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, size)
         with self._lock:
             data = self._items.get(key)
             if data is not None:
                 self._items.move_to_end(key)
                 return data
-        data = make_thumbnail(path, size)
+        data = make()
         with self._lock:
             if key not in self._items:
                 self._items[key] = data
@@ -90,12 +81,13 @@ class ThumbnailCache:
         return data
 
 
-def make_thumbnail(path: str, size: int) -> bytes:
-    """A JPEG whose longer side is at most `size`, upright (EXIF applied), never upscaled."""
-    im = open_image(path, target=math.ceil(size / DRAFT_COVERAGE))
-    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+def make_thumbnail(source: str | BinaryIO, size: int, name: str | None = None) -> bytes:
+    """A JPEG whose longer side is at most `size`, upright (EXIF applied), never upscaled; the full-size decode
+    counts against the decode budget until it is shrunk."""
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=85, optimize=True)
+    with decoded(source, target=math.ceil(size / DRAFT_COVERAGE), name=name) as im:
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        im.save(buf, "JPEG", quality=85, optimize=True)
     return buf.getvalue()
 
 
@@ -122,6 +114,7 @@ class ServeState:
         self._idx.store.faiss_index  # noqa: B018  (load now, not on the first request)
         self._dedup: dict[tuple, DedupReport] = {}
         self.thumbnails = ThumbnailCache()
+        self._validated: OrderedDict[tuple, bool] = OrderedDict()  # originals that decoded, by file version
         if not self.config.read_only:
             self._recover()
 
@@ -174,36 +167,92 @@ class ServeState:
         return self._generation
 
     def row(self, image_id: int) -> Row:
+        """The index row of an id; 404 for any other id (negative or past SQLite's range included)."""
+        if not 0 <= image_id <= MAX_ID:
+            raise NotFoundError(f"no image with id {image_id} in the index")
         with self.lock:
             row = self.index().store.rows([image_id]).get(image_id)
         if row is None:
             raise NotFoundError(f"no image with id {image_id} in the index")
         return row
 
-    def file_of(self, image_id: int) -> tuple[str, str]:
-        """(path, media type) of an indexed file that is still on disk."""
-        path = self.row(image_id).path
-        if not os.path.isfile(path):
-            raise NotFoundError(f"the file of image {image_id} is no longer on disk")
-        fmt = sniff_format(path)
-        return path, _MEDIA_TYPES.get(fmt or "", "application/octet-stream")
+    def open_file(self, image_id: int) -> tuple[BinaryIO, os.stat_result, Row]:
+        """The opened file of an indexed image: inside the index's roots, no link followed past the check,
+        unchanged since indexing (see `serve.files`); 404 or 409 otherwise."""
+        row = self.row(image_id)
+        with self.lock:
+            roots = self.index().store.roots
+        f, st = open_indexed(row, roots, str(self.path))
+        return f, st, row
+
+    def original(self, image_id: int) -> tuple[Iterator[bytes], str, int]:
+        """(bytes, media type, length) of an indexed file, sent only once it decodes as the image type it claims.
+
+        The decode (budgeted, JPEGs at 1/8 scale: every byte is still parsed) is remembered per file version, so
+        a file is checked once; the bytes come from the descriptor that was checked.
+        """
+        f, st, row = self.open_file(image_id)
+        try:
+            fmt = sniff_bytes(os.pread(f.fileno(), 64, 0))
+            media = _MEDIA_TYPES.get(fmt or "")
+            if media is None:
+                raise NotFoundError(f"image {image_id} is a {fmt or 'non-image'} file, not sent as an original "
+                                    "(its thumbnail is)")  # fmt: skip
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if key not in self._validated:
+                self._decode_checked(image_id, lambda: make_thumbnail(f, THUMB_SIZES[0], row.path))
+                with self.lock:
+                    self._validated[key] = True
+                    while len(self._validated) > 4096:
+                        self._validated.popitem(last=False)
+                check_fingerprint(row, os.fstat(f.fileno()))  # not rewritten in place while it was checked
+        except BaseException:
+            f.close()
+            raise
+        return stream(f, st.st_size), media, st.st_size
 
     def thumbnail(self, image_id: int, size: int) -> bytes:
-        path, _ = self.file_of(image_id)
-        return self.thumbnails.get(path, size)
+        """An upright JPEG of the indexed file, decoded from the checked descriptor (cached per file version)."""
+        f, st, row = self.open_file(image_id)
+        with f:
+            return self.thumbnails.get(st, size, lambda: self._decode_checked(
+                image_id, lambda: make_thumbnail(f, size, row.path)))  # fmt: skip
+
+    @staticmethod
+    def _decode_checked(image_id: int, make: Callable[[], bytes]) -> bytes:
+        try:
+            return make()
+        except ImageLoadError as e:
+            raise ConflictError(f"the file of image {image_id} does not decode as an image ({e.reason}); run "
+                                "`simsearch index` on its folder to update the index") from None  # fmt: skip
 
     # ---- search ------------------------------------------------------------------------------------------------
     def search_id(self, image_id: int, k: int, min_score: float | None, rerank: int = 0) -> dict[str, Any]:
+        q = self.row(image_id)
         with self.lock:
             idx = self.index()
-            q = idx.store.rows([image_id]).get(image_id)
-            if q is None:
-                raise NotFoundError(f"no image with id {image_id} in the index")
             _faiss_threads(1)
-            matches = idx.search(image_id, k=k, min_score=min_score, rerank=rerank)
-            rows = idx.store.rows([m.id for m in matches])
-        return {"query": q.path, "query_id": q.id, "width": q.width, "height": q.height,
-                "matches": _matches(matches, rows)}  # fmt: skip
+            matches = idx.search(image_id, k=max(k, rerank), min_score=min_score)
+            job = idx.prepare_rerank(image_id, matches, self._may_read(idx)) if rerank else None
+        return self._finish_search(job, matches, k, {"query": q.path, "query_id": q.id, "width": q.width,
+                                                      "height": q.height})  # fmt: skip
+
+    @staticmethod
+    def _may_read(idx: SimIndex) -> Callable[[str], bool]:
+        """Which indexed files re-ranking may read for features the index does not store: those inside its roots."""
+        roots = idx.store.roots
+        return lambda path: root_of(os.path.realpath(path), roots) is not None
+
+    def _finish_search(self, job: Any, matches: list[Match], k: int, out: dict[str, Any]) -> dict[str, Any]:
+        """Re-rank (without the lock, within `RERANK_SECONDS`) when asked, then answer with the matches' rows."""
+        if job is not None:
+            matches, out["rerank"] = job.run(k, self.config.rerank_seconds)
+        else:
+            matches = matches[:k]
+        with self.lock:
+            rows = self.index().store.rows([m.id for m in matches])
+        out["matches"] = _matches(matches, rows)
+        return out
 
     def search_upload(
         self, data: bytes, name: str | None, k: int, min_score: float | None, rerank: int = 0
@@ -213,17 +262,16 @@ class ServeState:
             raise TooLargeError(f"upload over the limit of {self.config.max_upload_bytes} bytes")
         with self.lock:
             emb = self.index().embedder
+        # decoded under the process's decode budget; over the pixel limit: ImageTooLargeError, answered 413
         pixels, (w, h) = load_encoded(data, emb.backbone.input_size, emb.fit, max_pixels=self.config.max_pixels)
         vec = emb.embed_pixels(pixels[None])
         with self.lock:
             idx = self.index()
             _faiss_threads(1)
             matches = idx.search_vectors(vec, k=max(k, rerank), min_score=min_score)[0]
-            if rerank:
-                matches = idx.rerank(data, matches, k)
-            rows = idx.store.rows([m.id for m in matches])
-        return {"query": name or "upload", "query_id": None, "width": w, "height": h,
-                "matches": _matches(matches, rows)}  # fmt: skip
+            job = idx.prepare_rerank(data, matches, self._may_read(idx)) if rerank else None
+        return self._finish_search(job, matches, k, {"query": name or "upload", "query_id": None, "width": w,
+                                                      "height": h})  # fmt: skip
 
     # ---- duplicates --------------------------------------------------------------------------------------------
     def report(self, threshold: float, group: str, keep: str | None) -> DedupReport:

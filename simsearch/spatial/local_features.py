@@ -80,7 +80,12 @@ def grey_image(source: Any, max_side: int = MAX_SIDE) -> np.ndarray:
     """`source` (path, bytes, PIL image or array) as a uint8 grey array whose longer side is `max_side`."""
     from ..images import open_image
 
-    im = open_image(source, target=max_side).convert("L")
+    return _grey(open_image(source, target=max_side), max_side)
+
+
+def _grey(rgb: Any, max_side: int) -> np.ndarray:
+    """An upright RGB image as grey, its longer side scaled down to `max_side` (the RGB image is not copied)."""
+    im = rgb.convert("L")
     w, h = im.size
     s = max_side / max(w, h)
     if s < 1:
@@ -92,14 +97,15 @@ def grey_image(source: Any, max_side: int = MAX_SIDE) -> np.ndarray:
 
 def extract(source: Any, max_features: int = MAX_FEATURES, max_side: int = MAX_SIDE) -> LocalFeatures:
     """SIFT keypoints and RootSIFT descriptors of an image; raises ImageLoadError for unreadable files."""
-    from ..images import open_image
+    from ..images import decoded
 
     cv2 = require_cv2()
-    im = open_image(source, target=max_side)
-    width, height = im.size
-    grey = grey_image(im, max_side)
-    sift = cv2.SIFT_create(nfeatures=max_features)
-    kps, desc = sift.detectAndCompute(grey, None)
+    with decoded(source, target=max_side) as im:  # counts against the decode budget, SIFT's scale space too
+        width, height = im.size
+        grey = _grey(im, max_side)
+        im.close()
+        sift = cv2.SIFT_create(nfeatures=max_features)
+        kps, desc = sift.detectAndCompute(grey, None)
     if desc is None or not kps:
         return LocalFeatures(width, height, np.zeros((0, 2), np.float16), np.zeros((0, DESC_DIM), np.uint8))
     kps, desc = kps[:max_features], desc[:max_features]

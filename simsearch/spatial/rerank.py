@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,12 +60,18 @@ class FeatureSource:
                 out.update(db.get(want))
         return out
 
-    def features(self, items: Sequence[tuple[str, str]]) -> list[LocalFeatures | None]:
-        """Features for each (sha256, path); None where the file can no longer be read."""
+    def features(
+        self, items: Sequence[tuple[str, str]], may_read: Callable[[str], bool] | None = None
+    ) -> list[LocalFeatures | None]:
+        """Features for each (sha256, path); None where the file can no longer be read, or where features are not
+        stored and `may_read(path)` refuses reading the file (a server reads only inside the index's roots)."""
         # imported vectors have no content hash: their files are known by path
         items = [(f"path:{p}" if sha.startswith("vector:") else sha, p) for sha, p in items]
         out: dict[str, LocalFeatures | None] = dict(self.stored([sha for sha, _ in items]))
         missing = list(dict.fromkeys((sha, p) for sha, p in items if sha not in out))
+        if may_read is not None:
+            out.update({sha: None for sha, p in missing if not may_read(p)})
+            missing = [(sha, p) for sha, p in missing if sha not in out]
 
         def one(item: tuple[str, str]) -> LocalFeatures | None:
             try:
