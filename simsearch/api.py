@@ -305,7 +305,7 @@ class SimIndex:
         if rerank < 0:
             raise BadInputError("rerank must be 0 (off) or a number of candidates")
         if self._is_video(query):
-            return self.search_video(query, k, min_score)
+            return self.search_video(query, k, min_score)[:k]
         matches = self.search_vectors(
             self.vector_for(query)[None], max(k, rerank), min_score, self._self_id(query), nprobe, exact
         )[0]
@@ -385,8 +385,11 @@ class SimIndex:
             self._video_cache = (gen, video_shas(self.store))
         return self._video_cache[1]
 
-    @staticmethod
-    def _is_video(query: Any) -> bool:
+    def _is_video(self, query: Any) -> bool:
+        """Whether a query (an id or a path) is a video: it is then answered by aligning frame sequences."""
+        if isinstance(query, (int, np.integer)):
+            row = self.store.rows([int(query)]).get(int(query))
+            return row is not None and row.sha256 in self._videos()
         if not isinstance(query, (str, Path)):
             return False
         from .images import sniff_format
@@ -423,19 +426,20 @@ class SimIndex:
             out.append(merged[:k])
         return out
 
-    def search_video(self, query: str | Path, k: int = 10, min_score: float | None = None) -> list[Match]:
+    def search_video(self, query: str | Path | int, k: int = 10, min_score: float | None = None) -> list[Match]:
         """Indexed videos that are copies of (or contain) the query video, best aligned first.
 
         Each candidate found by frame similarity is aligned with the query (see `index.videos.align`): its score is
         the share of the shorter video's frames that match at one time offset times their mean similarity, and its
         `time_s` is where the query starts in it."""
-        p = Path(query).expanduser()
-        row = self._query_row(p)
+        row = self._query_row(query)
         stored = videos(self.store, [row.sha256]) if row is not None else {}
         if row is not None and row.sha256 in stored:
             qt, qv = stored[row.sha256].times, frame_vectors(self.store, stored[row.sha256].frame_ids)
         else:
-            _, times, qv = self.embedder.embed_video(p)
+            if not isinstance(query, (str, Path)):
+                raise BadInputError(f"no video with id {query} in the index")
+            _, times, qv = self.embedder.embed_video(Path(query).expanduser())
             qt = np.asarray(times)
         _, fids = search_frames(self.store, qv, 10)
         owners = frame_owner(self.store, [int(f) for f in np.unique(fids) if f >= 0])

@@ -571,11 +571,12 @@ def _open_other_media(
 
         fp.seek(0)
         return open_raw(fp, target, max_pixels, path)
-    if path is None:
+    if path is None and isinstance(fp, io.BytesIO):
         raise UnsupportedImageError("a video, not an image (index or query video files by path)")
     from .media.video import poster  # PyAV is loaded only when a video shows up
 
-    im = poster(path, target)
+    fp.seek(0)
+    im = poster(fp, target)
     return im, im.size
 
 

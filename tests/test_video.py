@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -142,3 +143,33 @@ def test_moved_video_keeps_its_frames_and_has_a_poster(clips: Path, tmp_path: Pa
     assert r[0]["path"].endswith("b-moved.mp4") and r[0]["score"] == 1.0
     poster = open_image(lib / "sub" / "b-moved.mp4", target=100)
     assert poster.size[1] >= 75 and poster.mode == "RGB"
+
+
+def test_more_like_an_indexed_video_by_id_aligns_its_stored_frames(indexed: tuple[Path, Path, dict]) -> None:
+    from simsearch import SimIndex
+
+    lib, index, _ = indexed
+    with SimIndex.open(index) as idx:
+        row = idx.store.row_by_path(str(lib / "a-half.mkv"))
+        hits = idx.search(row.id, k=5)
+    assert hits[0].id == row.id and hits[0].score == pytest.approx(1.0)
+    assert {Path(h.path).name for h in hits[1:4]} == {"a.mp4", "a-trim.mp4", "a-mpeg4.avi"}
+    assert all(h.time_s is not None for h in hits)
+
+
+def test_the_server_shows_a_videos_matched_frame(indexed: tuple[Path, Path, dict]) -> None:
+    from fastapi.testclient import TestClient
+
+    from simsearch.serve.app import create_app
+
+    lib, index, _ = indexed
+    c = TestClient(create_app(index, warm_up=False), base_url="http://127.0.0.1")
+    vid = next(
+        m for m in c.get("/api/search", params={"id": 1, "k": 20}).json()["matches"] if m["path"].endswith("b.mp4")
+    )
+    poster = c.get(f"/api/images/{vid['id']}/thumbnail", params={"size": 64})
+    later = c.get(f"/api/images/{vid['id']}/thumbnail", params={"size": 64, "t": 12.0})
+    assert poster.status_code == later.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
+    a, b = (np.asarray(Image.open(io.BytesIO(r.content))).astype(float) for r in (poster, later))
+    assert a.shape == b.shape and np.abs(a - b).mean() > 20  # another shot of the video: another picture
+    assert c.get(f"/api/images/{vid['id']}/thumbnail", params={"t": -1}).status_code == 400

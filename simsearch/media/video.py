@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -96,18 +96,29 @@ def sample_frames(
     return info, [(t, im) for t, im, _ in picked]
 
 
-def _open(path: str | os.PathLike) -> Any:
+Source = str | os.PathLike | BinaryIO
+
+
+def _name(source: Source) -> str | None:
+    if not hasattr(source, "read"):
+        return os.fspath(source)  # type: ignore[arg-type]
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def _open(source: Source) -> Any:
+    """A container from a path or an open binary file (the server decodes the descriptor it checked)."""
     import av
 
     try:
-        return av.open(os.fspath(path), metadata_errors="ignore")
+        return av.open(source if hasattr(source, "read") else os.fspath(source), metadata_errors="ignore")
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise ImageLoadError(f"cannot open video ({_why(e)})", os.fspath(path)) from None
+        raise ImageLoadError(f"cannot open video ({_why(e)})", _name(source)) from None
 
 
-def _stream(c: Any, path: str | os.PathLike) -> Any:
+def _stream(c: Any, path: Source) -> Any:
     if not c.streams.video:
-        raise ImageLoadError("no video stream", os.fspath(path))
+        raise ImageLoadError("no video stream", _name(path))
     vs = c.streams.video[0]
     vs.thread_type = "AUTO"  # frame and slice threads: both cores
     return vs
@@ -181,16 +192,31 @@ def _why(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def poster(path: str | os.PathLike, size: int | None = None) -> Image.Image:
+def poster(source: Source, size: int | None = None) -> Image.Image:
     """The video's first decodable keyframe: its picture in thumbnails, reports and the web page."""
+    return frame_at(source, None, size)
+
+
+def frame_at(source: Source, t: float | None, size: int | None = None) -> Image.Image:
+    """The frame shown at `t` seconds (the first frame at or after it; past the end, the last one), or with `t`
+    None the first keyframe. Seeks to the keyframe before `t` and decodes forward from there only."""
     import av
 
-    with _open(path) as c:
-        vs = _stream(c, path)
-        vs.codec_context.skip_frame = "NONKEY"
+    with _open(source) as c:
+        vs = _stream(c, source)
+        last = None
         try:
+            if t is None:
+                vs.codec_context.skip_frame = "NONKEY"
+            elif t > 0 and vs.time_base:
+                c.seek(int(t / vs.time_base), stream=vs, backward=True, any_frame=False)
             for frame in c.decode(vs):
-                return _image(frame, size)
+                last = frame
+                if t is None or frame.time is None or frame.time >= t - 1e-3:
+                    return _image(frame, size)
         except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-            raise ImageLoadError(f"corrupt or truncated video ({_why(e)})", os.fspath(path)) from None
-    raise ImageLoadError("no decodable video frame", os.fspath(path))
+            if last is None:
+                raise ImageLoadError(f"corrupt or truncated video ({_why(e)})", _name(source)) from None
+        if last is not None:
+            return _image(last, size)
+    raise ImageLoadError("no decodable video frame", _name(source))

@@ -201,10 +201,13 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
 
     @api.get("/images/{image_id}/thumbnail")
     def thumbnail(
-        image_id: ImageId, size: Annotated[int, Query(ge=THUMB_SIZES[0], le=THUMB_SIZES[1])] = 256
+        image_id: ImageId,
+        size: Annotated[int, Query(ge=THUMB_SIZES[0], le=THUMB_SIZES[1])] = 256,
+        t: Annotated[float | None, Query(ge=0, le=86_400, description="A video: the frame at t seconds.")] = None,
     ) -> Response:
-        """An upright JPEG whose longer side is at most `size` (cached)."""
-        return Response(state.thumbnail(image_id, size), media_type="image/jpeg",
+        """An upright JPEG whose longer side is at most `size` (cached); of a video, its first keyframe, or the
+        frame at `t` (a match's `time_s`)."""
+        return Response(state.thumbnail(image_id, size, t), media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=60"})  # fmt: skip
 
     @api.get("/duplicates", response_model=DuplicatesOut)

@@ -19,13 +19,15 @@ import numpy as np
 from PIL import Image
 
 from ..api import Match, SimIndex
+from ..decode_budget import BUDGET
 from ..dedup.actions import apply_plan, plan_files, undo_list
 from ..dedup.actions import undo as undo_manifest
 from ..dedup.finder import DedupReport, DupGroup, find_duplicates
 from ..dedup.journal import recover, recovery_message
 from ..errors import BadInputError, IndexLockedError
-from ..images import DRAFT_COVERAGE, ImageLoadError, decoded, load_encoded, sniff_bytes
+from ..images import DRAFT_COVERAGE, OTHER_MEDIA_COST, ImageLoadError, decoded, load_encoded, sniff_bytes
 from ..index.store import IndexStore, Row, root_of
+from ..media.video import sniff_video
 from .errors import ConflictError, ForbiddenError, NotFoundError, TooLargeError
 from .files import check_fingerprint, open_indexed, stream
 
@@ -63,7 +65,7 @@ class ThumbnailCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, st: os.stat_result, size: int, make: Callable[[], bytes]) -> bytes:
+    def get(self, st: os.stat_result, size: int | tuple, make: Callable[[], bytes]) -> bytes:
         """The thumbnail of the opened file whose fstat is `st` (cached by device, inode, size and mtime)."""
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, size)
         with self._lock:
@@ -86,6 +88,19 @@ def make_thumbnail(source: str | BinaryIO, size: int, name: str | None = None) -
     counts against the decode budget until it is shrunk."""
     buf = io.BytesIO()
     with decoded(source, target=math.ceil(size / DRAFT_COVERAGE), name=name) as im:
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        im.save(buf, "JPEG", quality=85, optimize=True)
+    return buf.getvalue()
+
+
+def video_thumbnail(f: BinaryIO, size: int, t: float) -> bytes:
+    """A JPEG of a video's frame at `t` seconds, its longer side at most `size` (held as one large picture)."""
+    from ..media.video import frame_at
+
+    buf = io.BytesIO()
+    f.seek(0)
+    with BUDGET.hold(OTHER_MEDIA_COST):
+        im = frame_at(f, t, math.ceil(size / DRAFT_COVERAGE))
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
         im.save(buf, "JPEG", quality=85, optimize=True)
     return buf.getvalue()
@@ -211,10 +226,14 @@ class ServeState:
             raise
         return stream(f, st.st_size), media, st.st_size
 
-    def thumbnail(self, image_id: int, size: int) -> bytes:
-        """An upright JPEG of the indexed file, decoded from the checked descriptor (cached per file version)."""
+    def thumbnail(self, image_id: int, size: int, t: float | None = None) -> bytes:
+        """An upright JPEG of the indexed file, decoded from the checked descriptor (cached per file version); of a
+        video, the frame at `t` seconds when given."""
         f, st, row = self.open_file(image_id)
         with f:
+            if t is not None and sniff_video(f.read(64)):
+                return self.thumbnails.get(st, (size, round(t, 3)), lambda: self._decode_checked(
+                    image_id, lambda: video_thumbnail(f, size, t)))  # fmt: skip
             return self.thumbnails.get(st, size, lambda: self._decode_checked(
                 image_id, lambda: make_thumbnail(f, size, row.path)))  # fmt: skip
 

@@ -62,9 +62,10 @@ function releaseThumbs() {
 }
 
 // Thumbnails are fetched (not <img src>) so the Authorization header goes with them when a token is set.
-function thumb(id, size) {
+function thumb(id, size, t) {
   const img = el("img", { alt: "", "data-id": String(id) });
-  fetch(`/api/images/${id}/thumbnail?size=${size || 256}`, { headers: headers() })
+  const at = t == null ? "" : `&t=${t}`;  // a video match: the frame that matched
+  fetch(`/api/images/${id}/thumbnail?size=${size || 256}${at}`, { headers: headers() })
     .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`))))
     .then((b) => { const u = URL.createObjectURL(b); state.objectUrls.push(u); img.src = u; })
     .catch(() => { img.alt = "(unavailable)"; });
@@ -117,7 +118,7 @@ function showResults(res, preview) {
   grid.replaceChildren(...res.matches.map((m) => el("div", {
     class: "card result", title: m.path, "data-id": String(m.id), onclick: () => searchId(m.id),
   }, [
-    thumb(m.id, 256),
+    thumb(m.id, 256, m.time_s),
     el("div", { class: "meta" }, [
       el("div", { class: "name", text: baseName(m.path) }),
       el("span", { class: "score", text: m.score.toFixed(4) }),
