@@ -82,7 +82,7 @@ def test_sampling_keyframes_or_a_grid_with_cuts(tmp_path: Path) -> None:
     assert np.allclose(times[:3], [0.0, 2.5, 5.0], atol=0.04) and 6.0 in times  # the grid, to the frame, and the cut
     assert max(np.diff(times)) <= 2.5 + 0.04
     _, few = sample_frames(long_gop, every=0.5, max_frames=5)
-    assert len(few) == 5 and few[0][0] == 0.0 and few[-1][0] > 10
+    assert len(few) == 5 and few[0][0] == 0.0 and few[-1][0] > 9  # 12 s / 5 frames: one every 2.4 s
 
 
 def test_corrupt_videos_are_skipped_and_reported(indexed: tuple[Path, Path, dict]) -> None:

@@ -7,8 +7,9 @@ The sampling policy, and why:
 - When keyframes are further apart than `every` x 1.5 (screen recordings, long-GOP exports), the video is decoded once
   from start to end instead and frames are taken on a grid of `every` seconds, plus at cuts (a jump in a 16x9 grey
   thumbnail between consecutive frames).
-- Samples closer than `every` / 2 are thinned unless they show a cut; a video keeps at most `max_frames` frames, evenly
-  spread (long videos are then sampled sparser, so a 2-hour film costs a bounded number of embeddings).
+- Keyframes closer than `every` / 2 are thinned. A video keeps at most `max_frames` frames: a long one is sampled
+  every duration / `max_frames` seconds instead, and only kept frames are ever converted to pictures, so a 2-hour
+  film costs a bounded number of embeddings and a bounded amount of memory.
 FFmpeg decodes with frame and slice threads on every core.
 """
 
@@ -68,7 +69,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 
 
 def sample_frames(
-    path: str | os.PathLike, every: float = EVERY_S, max_frames: int = MAX_FRAMES, size: int | None = 256
+    path: Source, every: float = EVERY_S, max_frames: int = MAX_FRAMES, size: int | None = 256
 ) -> tuple[VideoInfo, list[tuple[float, Image.Image]]]:
     """The video's info and its sampled frames as (seconds, RGB image), in time order (see the module docstring).
 
@@ -80,16 +81,16 @@ def sample_frames(
     with _open(path) as c:
         vs = _stream(c, path)
         info = _info(c, vs)
-        keys = _decode(c, vs, path, keyframes_only=True, size=size)
-        times = [t for t, _, _ in keys]
+        every = max(every, info.duration_s / max_frames)  # a long video is sampled sparser, never more frames
+        keys, times = _decode(c, vs, path, keyframes_only=True, size=size, every=every, max_frames=max_frames)
         gaps = np.diff([0.0, *times, info.duration_s]) if times else [info.duration_s]
         if times and max(gaps) <= every * 1.5:
-            picked = _thin([(t, im, False) for t, im, _ in keys], every)  # keyframes are far apart: no cut test
+            picked = keys
         else:
             c.seek(0)
-            picked = _thin(_decode(c, vs, path, keyframes_only=False, size=size, every=every), every)
+            picked, _ = _decode(c, vs, path, keyframes_only=False, size=size, every=every, max_frames=max_frames)
     if not picked:
-        raise ImageLoadError("no decodable video frame", os.fspath(path))
+        raise ImageLoadError("no decodable video frame", _name(path))
     if len(picked) > max_frames:
         idx = np.unique(np.round(np.linspace(0, len(picked) - 1, max_frames)).astype(int))
         picked = [picked[i] for i in idx]
@@ -136,29 +137,39 @@ def _info(c: Any, vs: Any) -> VideoInfo:
 
 
 def _decode(
-    c: Any, vs: Any, path: str | os.PathLike, keyframes_only: bool, size: int | None, every: float | None = None
-) -> list[tuple[float, Image.Image, bool]]:
-    """(time, image, is_cut) of keyframes, or of a full decode sampled on a grid of `every` seconds plus cuts."""
+    c: Any, vs: Any, path: Source, keyframes_only: bool, size: int | None, every: float, max_frames: int
+) -> tuple[list[tuple[float, Image.Image, bool]], list[float]]:
+    """The kept (time, image, is_cut) samples, and the times of every decoded keyframe (keyframe pass).
+
+    Keyframes are kept at least `every` / 2 apart; a full decode keeps the frames on a grid of `every` seconds plus
+    cuts. Only kept frames become images, and when more than twice `max_frames` are held every other one is dropped
+    and the spacing doubled, so memory stays bounded whatever the length or the metadata say."""
     import av
 
     vs.codec_context.skip_frame = "NONKEY" if keyframes_only else "DEFAULT"
     out: list[tuple[float, Image.Image, bool]] = []
+    times: list[float] = []
     prev: np.ndarray | None = None
     next_t = 0.0
+    spacing = every / 2 if keyframes_only else every
     try:
         for frame in c.decode(vs):
-            t = float(frame.time) if frame.time is not None else (out[-1][0] if out else 0.0)
-            tiny = _tiny_luma(frame)
-            cut = prev is not None and float(np.abs(tiny - prev).mean()) > CUT_DIFF
-            prev = tiny
-            if keyframes_only or cut or t >= next_t:
+            t = float(frame.time) if frame.time is not None else (times[-1] if times else 0.0)
+            times.append(t)
+            cut = False
+            if not keyframes_only:  # keyframes are too far apart for a difference to mean a cut
+                tiny = _tiny_luma(frame)
+                cut = prev is not None and float(np.abs(tiny - prev).mean()) > CUT_DIFF
+                prev = tiny
+            if cut or t >= next_t - 1e-6:
                 out.append((t, _image(frame, size), cut))
-                if every is not None:
-                    next_t = (np.floor(t / every + 1e-6) + 1) * every  # the next grid point: no drift
+                next_t = (np.floor(t / spacing + 1e-6) + 1) * spacing  # the next grid point: no drift
+                if len(out) > 2 * max_frames:
+                    out, spacing = out[::2], spacing * 2
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         if not out:
-            raise ImageLoadError(f"corrupt or truncated video ({_why(e)})", os.fspath(path)) from None
-    return out
+            raise ImageLoadError(f"corrupt or truncated video ({_why(e)})", _name(path)) from None
+    return out, times
 
 
 def _tiny_luma(frame: Any) -> np.ndarray:
@@ -178,14 +189,6 @@ def _image(frame: Any, size: int | None) -> Image.Image:
         s = size / min(w, h)
         w, h = max(2, round(w * s)), max(2, round(h * s))
     return Image.fromarray(frame.to_ndarray(width=w, height=h, format="rgb24"), "RGB")
-
-
-def _thin(samples: list[tuple[float, Image.Image, bool]], every: float) -> list[tuple[float, Image.Image, bool]]:
-    out: list[tuple[float, Image.Image, bool]] = []
-    for s in samples:
-        if not out or s[2] or s[0] - out[-1][0] >= every / 2:
-            out.append(s)
-    return out
 
 
 def _why(e: BaseException) -> str:
