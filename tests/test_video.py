@@ -173,3 +173,16 @@ def test_the_server_shows_a_videos_matched_frame(indexed: tuple[Path, Path, dict
     a, b = (np.asarray(Image.open(io.BytesIO(r.content))).astype(float) for r in (poster, later))
     assert a.shape == b.shape and np.abs(a - b).mean() > 20  # another shot of the video: another picture
     assert c.get(f"/api/images/{vid['id']}/thumbnail", params={"t": -1}).status_code == 400
+
+
+def test_a_videos_frames_survive_the_ray_columns() -> None:
+    from simsearch.index.distributed import columns_to_records, records_to_columns
+    from simsearch.models.embedder import FileRecord
+
+    frames = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    video = FileRecord("v.mp4", 10, 1, "ab", 320, 240, frames.mean(0), frame_times=[0.0, 2.0, 4.0], frames=frames,
+                       video={"duration": 5.0})  # fmt: skip
+    photo = FileRecord("p.jpg", 5, 1, "cd", 4, 4, frames[0])
+    back = columns_to_records(records_to_columns([video, photo], 8))
+    assert back[0].frame_times == [0.0, 2.0, 4.0] and np.array_equal(back[0].frames, frames)
+    assert back[0].video == {"duration": 5.0} and back[1].frames is None and back[1].frame_times is None

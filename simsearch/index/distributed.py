@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import socket
 import sys
 import time
@@ -201,9 +202,9 @@ def records_to_columns(records: list[FileRecord], dim: int) -> dict[str, np.ndar
     for i, r in enumerate(records):
         if r.vector is not None:
             vectors[i], has[i] = r.vector, True
-    video = np.empty(len(records), dtype=object)  # a video's frames travel with it: (times, vectors, info)
-    for i, r in enumerate(records):
-        video[i] = (r.frame_times, r.frames, r.video) if r.frames is not None else None
+    # a video's frames travel with it, pickled (times, vectors, info): Ray Data keeps bytes columns as they are
+    video = np.array([pickle.dumps((r.frame_times, r.frames, r.video)) if r.frames is not None else b""
+                      for r in records], dtype=object)  # fmt: skip
     return {
         "path": np.array([r.path for r in records], dtype=object),
         "size": np.array([r.size for r in records], np.int64),
@@ -227,9 +228,10 @@ def columns_to_records(batch: dict[str, np.ndarray]) -> list[FileRecord]:
             str(batch["path"][i]), int(batch["size"][i]), int(batch["mtime_ns"][i]), str(batch["sha256"][i]),
             int(batch["width"][i]), int(batch["height"][i]), vec, str(batch["error"][i]) or None,
         ))  # fmt: skip
-        video = batch["video"][i] if "video" in batch else None
-        if video is not None:
-            out[-1].frame_times, out[-1].frames, out[-1].video = list(video[0]), np.asarray(video[1]), video[2]
+        video = batch["video"][i] if "video" in batch else b""
+        if isinstance(video, (bytes, bytearray)) and video:
+            times, frames, info = pickle.loads(video)  # written by records_to_columns in a worker of this job
+            out[-1].frame_times, out[-1].frames, out[-1].video = list(times), np.asarray(frames), info
     return out
 
 
