@@ -277,3 +277,41 @@ def test_the_server_rolls_back_on_start_and_moves_across_devices_by_copy(
     res = undo(manifest)
     assert res["restored"] == 4 and res["reindexed"] == 4
     assert_all_back(files)
+
+
+UNDOER = """
+import sys
+from simsearch.dedup.actions import undo
+print(undo(sys.argv[1]))
+"""
+
+
+def test_undo_killed_mid_way_is_finished_by_the_next_undo(tmp_path: Path) -> None:
+    folder, index, files = make_library(tmp_path, 12)
+    with IndexStore.open(index) as store:
+        manifest = apply_plan(plan_files(sorted(files)[:8], "delete", None, store), store)
+    env = {**os.environ, journal_mod.FAULT_ENV: "undo:3"}
+    r = subprocess.run([sys.executable, "-c", UNDOER, str(manifest)], env=env, capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    assert sum(Path(p).exists() for p in files) == 4 + 3  # three back, not yet marked nor re-indexed
+    res = undo(manifest)
+    assert res["restored"] == 5 and not res["conflicts"]
+    assert_all_back(files)
+    assert index_count(index) == 12  # the three put back before the kill got their rows too
+
+
+def test_an_error_part_way_puts_everything_back(tmp_path: Path) -> None:
+    folder, index, files = make_library(tmp_path, 10)
+    victims = sorted(files)[:6]
+    with IndexStore.open(index) as store:
+        plan = plan_files(victims, "delete", None, store)
+        intruder = Path(plan.moves[3][1])  # type: ignore[arg-type]
+        intruder.parent.mkdir(parents=True, exist_ok=True)
+        intruder.write_bytes(b"appeared after the plan")
+        with pytest.raises(Exception, match="refusing to overwrite"):
+            apply_plan(plan, store)
+    assert_all_back(files)
+    assert intruder.read_bytes() == b"appeared after the plan"
+    assert index_count(index) == 10
+    with journal_mod.Journal(index) as j:
+        assert [a["state"] for a in j.actions()] == ["rolled-back"]

@@ -30,6 +30,7 @@ from .journal import (
     identity,
     recover,
     recovery_message,
+    rename_noreplace,
     replay_undo,
     same_device,
     store_roots,
@@ -158,6 +159,20 @@ def _apply(plan: Plan, store: IndexStore, journal: Journal) -> Path:
     manifest = undo_dir / name
     _write_manifest(manifest, plan.action, store, entries)
     fault("begun")
+    try:
+        _run(store, journal, name, entries)
+    except BaseException:
+        # an error (not a crash) part way: put back what moved, so nothing is left half done and running
+        res = replay_undo(journal, store, name)
+        journal.set_state(name, "rolled-back" if not res["conflicts"] else "partly-undone")
+        _write_manifest(manifest, plan.action, store, journal.entries(name))
+        raise
+    _write_manifest(manifest, plan.action, store, entries)
+    return manifest
+
+
+def _run(store: IndexStore, journal: Journal, name: str, entries: list[Entry]) -> None:
+    """The moves, their marks, then the index update; the action is done at the end."""
     changes: list[tuple[int, str, str | None]] = []
     last = time.monotonic()
     n = 0
@@ -180,8 +195,6 @@ def _apply(plan: Plan, store: IndexStore, journal: Journal) -> Path:
     store.save()
     fault("indexed")
     journal.set_state(name, "done")
-    _write_manifest(manifest, plan.action, store, entries)
-    return manifest
 
 
 def _move_one(e: Entry, journal: Journal, name: str, devices: dict[str, int]) -> tuple[str, str | None]:
@@ -193,11 +206,14 @@ def _move_one(e: Entry, journal: Journal, name: str, devices: dict[str, int]) ->
     if parent not in devices:
         os.makedirs(parent, exist_ok=True)
         devices[parent] = os.stat(parent).st_dev
+    if same_device(devices[parent], e.dev):  # type: ignore[arg-type]
+        try:
+            rename_noreplace(e.src, e.dst)
+        except FileExistsError:
+            raise BadInputError(f"refusing to overwrite {e.dst}") from None
+        return "moved", None
     if os.path.lexists(e.dst):
         raise BadInputError(f"refusing to overwrite {e.dst}")
-    if same_device(devices[parent], e.dev):  # type: ignore[arg-type]
-        os.replace(e.src, e.dst)
-        return "moved", None
     digest = copy_verified(e.src, e.dst)
     journal.mark(name, [(e.seq, "planned", digest)])  # the copy's hash is durable before the original goes
     fault("copied")

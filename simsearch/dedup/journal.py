@@ -13,6 +13,7 @@ file back only when it is still the file that was moved, and only into the folde
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -202,7 +203,7 @@ class Journal:
         """The index rows' vectors of an action (memory-mapped), or None when their file is missing or not whole."""
         try:
             v = np.load(self.index_path / VECTORS_DIR / (Path(name).stem + ".npy"), mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError):
+        except Exception:  # missing, empty (EOFError), truncated or not an array: the next sync embeds again
             return None
         return v if v.ndim == 2 and v.shape[1] == dim and v.dtype == np.float32 else None
 
@@ -224,6 +225,22 @@ def _lstat(path: str) -> os.stat_result | None:
 def same_device(dev_a: int, dev_b: int) -> bool:
     """Whether a rename between the two devices works (tests set FORCE_COPY to take the copy path on one device)."""
     return dev_a == dev_b and not FORCE_COPY
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename on one file system without ever replacing a file at `dst` (FileExistsError instead): a hard link then
+    an unlink, which the kernel refuses atomically when `dst` exists; where links are not supported (some network
+    and FAT file systems), a check then os.replace."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
+        os.replace(src, dst)
+        return
+    os.unlink(src)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -268,9 +285,9 @@ def place_back(e: Entry, allowed: list[str]) -> str:
     or the source lies outside the folders the index covers.
     """
     assert e.dst is not None
-    part = e.dst + PARTIAL
-    if _lstat(part) is not None:
-        os.unlink(part)  # a copy across devices cut short: its source was never removed
+    for part in (e.dst + PARTIAL, e.src + PARTIAL):
+        if _lstat(part) is not None:
+            os.unlink(part)  # a copy across devices cut short (either way): its source was never removed
     src_st, dst_st = _lstat(e.src), _lstat(e.dst)
     if src_st is not None:
         if identity(src_st) == (e.dev, e.ino, e.size, e.mtime_ns):
@@ -278,6 +295,9 @@ def place_back(e: Entry, allowed: list[str]) -> str:
                 os.unlink(e.dst)  # copied or linked, the source not yet removed: the source is the original
             return "untouched"
         if dst_st is not None and _is_ours(e, dst_st):
+            if _same_file(e.dst, dst_st, e.src, src_st):
+                os.unlink(e.dst)  # copied back across devices, cut short before the copy in the trash went
+                return "restored"
             return "conflict"
         return "untouched" if e.state == "planned" else "absent"
     if dst_st is None:
@@ -287,9 +307,10 @@ def place_back(e: Entry, allowed: list[str]) -> str:
     parent = os.path.dirname(e.src)
     os.makedirs(parent, exist_ok=True)
     if same_device(dst_st.st_dev, os.stat(parent).st_dev):
-        if os.path.lexists(e.src):
+        try:
+            rename_noreplace(e.dst, e.src)
+        except FileExistsError:
             return "conflict"
-        os.replace(e.dst, e.src)
     else:
         copy_verified(e.dst, e.src)
         os.unlink(e.dst)
@@ -311,10 +332,11 @@ def _is_ours(e: Entry, st: os.stat_result) -> bool:
         return False
     if identity(st) == (e.dev, e.ino, e.size, e.mtime_ns):
         return True  # renamed on one file system: the very same inode
-    if stat.S_ISLNK(st.st_mode) or st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
+    if stat.S_ISLNK(st.st_mode) or st.st_size != e.size:
         return False
-    # copied across devices (size and time kept): the same bytes, when the journal knows them
-    return e.sha256 is None or sha256_file(e.dst) == e.sha256  # type: ignore[arg-type]
+    if e.sha256 is not None:  # copied across devices: the same bytes
+        return sha256_file(e.dst) == e.sha256  # type: ignore[arg-type]
+    return abs(st.st_mtime_ns - (e.mtime_ns or 0)) <= 2_000_000_000  # FAT and exFAT keep times to 2 s
 
 
 def inside(path: str, roots: list[str]) -> bool:
@@ -354,6 +376,7 @@ def replay_undo(journal: Journal, store: IndexStore | None, name: str) -> dict[s
         else:
             if state == "restored":
                 restored.append(e)
+                fault(f"undo:{len(restored)}")
             elif state == "absent":
                 missing.append(e.dst)
             elif state == "conflict":
@@ -364,7 +387,7 @@ def replay_undo(journal: Journal, store: IndexStore | None, name: str) -> dict[s
             journal.mark(name, changes)
             changes = []
     journal.mark(name, changes)
-    reindexed = _reinsert(journal, store, act, restored) if store is not None else 0
+    reindexed = _reinsert(journal, store, act) if store is not None else 0
     journal.set_state(name, "undone" if not conflicts else "partly-undone")
     return {"restored": len(restored), "missing": missing, "conflicts": conflicts, "permanently_deleted": permanent,
             "reindexed": reindexed}  # fmt: skip
@@ -384,11 +407,19 @@ def store_roots(store: IndexStore) -> list[str]:
     return [os.path.realpath(r) for r in roots] if roots else []
 
 
-def _reinsert(journal: Journal, store: IndexStore, act: dict[str, Any], restored: list[Entry]) -> int:
-    """Index rows back for restored files, from the journal's vectors (no re-embedding)."""
+def _reinsert(journal: Journal, store: IndexStore, act: dict[str, Any]) -> int:
+    """Index rows back, from the journal's vectors (no re-embedding), for every file of the action that is at its
+    source again as it was (size and mtime) and has no row: those restored now, and those a crash cut off between
+    moving back and re-adding (so running undo again finishes the job)."""
     if store.signature != act["signature"]:
         return 0
-    todo = [e for e in restored if e.vec is not None and store.row_by_path(e.src) is None]
+    todo = []
+    for e in journal.entries(act["name"]):
+        if e.vec is None or e.dst is None:
+            continue
+        st = _lstat(e.src)
+        if st is not None and (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns) and not store.row_by_path(e.src):
+            todo.append(e)
     vectors = journal.vectors(act["name"], store.dim) if todo else None
     if vectors is None:
         return 0  # the next sync embeds these files again
