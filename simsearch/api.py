@@ -376,7 +376,7 @@ class SimIndex:
             # Exact duplicates tie at 1.0: the query's own entry goes first.
             hits.sort(key=lambda m: (-round(m.score, 6), m.id != first_id, m.path))
             out.append(hits)
-        return self._with_video_frames(vectors, k, min_score, out) if shas else out
+        return self._with_video_frames(vectors, k, min_score, out, first_id) if shas else out
 
     def _videos(self) -> set[str]:
         """Content hashes of the indexed videos, read once per generation."""
@@ -400,7 +400,7 @@ class SimIndex:
             return False
 
     def _with_video_frames(
-        self, vectors: np.ndarray, k: int, min_score: float | None, hits: list[list[Match]]
+        self, vectors: np.ndarray, k: int, min_score: float | None, hits: list[list[Match]], first_id: int | None
     ) -> list[list[Match]]:
         """Image hits without whole-video rows, merged with the best frame of each video (its time in `time_s`)."""
         shas = self._videos()
@@ -422,7 +422,7 @@ class SimIndex:
                     if r.id not in seen:  # frames come best first: the first one of a video is its best
                         seen.add(r.id)
                         merged.append(Match(r.path, float(min(1.0, max(-1.0, sc))), r.id, time_s=t))
-            merged.sort(key=lambda m: (-round(m.score, 6), m.path))
+            merged.sort(key=lambda m: (-round(m.score, 6), m.id != first_id, m.path))
             out.append(merged[:k])
         return out
 

@@ -19,6 +19,7 @@ from .graph import UnionFind
 VIDEO_COVERAGE = 0.8
 VIDEO_SIMILARITY = 0.85
 NEIGHBOURS = 10  # frames looked up per frame
+QUERY_CHUNK = 2048  # query frames per scan of the frames file
 VIDEO_KEEP = ("resolution", "duration", "bitrate", "size")
 
 
@@ -34,14 +35,16 @@ def video_pairs(store: IndexStore, reps: Sequence[Row]) -> tuple[list[Pair], dic
     vecs = {sha: frame_vectors(store, v.frame_ids) for sha, v in vids.items()}
     owner: dict[int, str] = {int(f): sha for sha, v in vids.items() for f in v.frame_ids}
     cands: set[tuple[str, str]] = set()
-    for sha, v in vids.items():
-        if len(v.frame_ids) == 0:
-            continue
-        scores, fids = search_frames(store, vecs[sha], NEIGHBOURS)
-        for s, f in zip(scores.ravel(), fids.ravel(), strict=True):
-            other = owner.get(int(f))
-            if other is not None and other != sha and s >= ALIGN_MIN_SIM:
-                cands.add((sha, other) if sha < other else (other, sha))
+    shas = [sha for sha, v in vids.items() for _ in range(len(v.frame_ids))]  # the video of each query frame
+    queries = np.concatenate([vecs[sha] for sha, v in vids.items() if len(v.frame_ids)] or [np.zeros((0, store.dim))])
+    for lo in range(0, len(queries), QUERY_CHUNK):  # all frames as queries, a chunk per scan of the frames file
+        scores, fids = search_frames(store, queries[lo : lo + QUERY_CHUNK], NEIGHBOURS)
+        for q, (srow, frow) in enumerate(zip(scores, fids, strict=True)):
+            sha = shas[lo + q]
+            for s, f in zip(srow, frow, strict=True):
+                other = owner.get(int(f))
+                if other is not None and other != sha and s >= ALIGN_MIN_SIM:
+                    cands.add((sha, other) if sha < other else (other, sha))
     pairs: list[Pair] = []
     seen: dict[Pair, Alignment] = {}
     for a, b in sorted(cands):

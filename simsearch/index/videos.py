@@ -44,7 +44,7 @@ def _has_tables(conn: sqlite3.Connection) -> bool:
 
 def frames_file(store: IndexStore) -> VectorFile:
     vf = getattr(store, "_frames_file", None)
-    if vf is None:
+    if vf is None or vf.dim != store.dim:  # a --rebuild may change the model's size
         vf = VectorFile(store.path / FRAMES_FILE, store.dim)
         store._frames_file = vf  # type: ignore[attr-defined]
     return vf
@@ -107,6 +107,7 @@ def search_frames(store: IndexStore, q: np.ndarray, k: int) -> tuple[np.ndarray,
     q = np.ascontiguousarray(q, np.float32)
     vf = frames_file(store)
     n = vf.slots
+    live = live_frames(store, n)
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.full((len(q), k), -1, np.int64)
     if n == 0:
@@ -115,6 +116,7 @@ def search_frames(store: IndexStore, q: np.ndarray, k: int) -> tuple[np.ndarray,
     for lo in range(1, n, SCAN_CHUNK):  # slot 0 is never a frame (ids start at 1)
         block = np.asarray(m[lo : lo + SCAN_CHUNK])
         s = q @ block.T
+        s[:, ~live[lo : lo + len(block)]] = -np.inf  # frames of videos no longer indexed (kept for undo)
         ids = np.arange(lo, lo + len(block), dtype=np.int64)
         s_all = np.concatenate([best_s, s], axis=1)
         i_all = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
@@ -123,6 +125,22 @@ def search_frames(store: IndexStore, q: np.ndarray, k: int) -> tuple[np.ndarray,
         best_i = np.take_along_axis(i_all, top, axis=1)
     order = np.argsort(-best_s, axis=1)
     return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+def live_frames(store: IndexStore, n: int) -> np.ndarray:
+    """A mask over frame slots: True where the frame's video is indexed now (cached per generation)."""
+    gen = store.generation
+    cached = getattr(store, "_live_frames", None)
+    if cached is not None and cached[0] == gen and len(cached[1]) >= n:
+        return cached[1]
+    mask = np.zeros(n, bool)
+    if _has_tables(store.conn):
+        ids = [r[0] for r in store.conn.execute(
+            "SELECT f.id FROM frames f WHERE EXISTS (SELECT 1 FROM images i WHERE i.sha256 = f.sha256)")]  # fmt: skip
+        ids_arr = np.asarray(ids, np.int64)
+        mask[ids_arr[ids_arr < n]] = True
+    store._live_frames = (gen, mask)  # type: ignore[attr-defined]
+    return mask
 
 
 def frame_owner(store: IndexStore, frame_ids: list[int]) -> dict[int, tuple[str, float]]:
@@ -140,6 +158,7 @@ def clear(store: IndexStore) -> None:
             store.conn.execute("DELETE FROM frames")
             store.conn.execute("DELETE FROM videos")
     frames_file(store).close()
+    store._frames_file = None  # type: ignore[attr-defined]
     p = store.path / FRAMES_FILE
     if p.exists():
         os.truncate(p, 0)

@@ -87,8 +87,13 @@ def sample_frames(
         if times and max(gaps) <= every * 1.5:
             picked = keys
         else:
-            c.seek(0)
-            picked, _ = _decode(c, vs, path, keyframes_only=False, size=size, every=every, max_frames=max_frames)
+            try:
+                c.seek(0)
+                picked, _ = _decode(c, vs, path, keyframes_only=False, size=size, every=every, max_frames=max_frames)
+            except ImageLoadError:
+                raise
+            except Exception:  # cannot seek back (a damaged index, a stream): keep the keyframes
+                picked = keys
     if not picked:
         raise ImageLoadError("no decodable video frame", _name(path))
     if len(picked) > max_frames:
@@ -166,7 +171,7 @@ def _decode(
                 next_t = (np.floor(t / spacing + 1e-6) + 1) * spacing  # the next grid point: no drift
                 if len(out) > 2 * max_frames:
                     out, spacing = out[::2], spacing * 2
-    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+    except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError) as e:
         if not out:
             raise ImageLoadError(f"corrupt or truncated video ({_why(e)})", _name(path)) from None
     return out, times

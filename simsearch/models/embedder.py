@@ -391,20 +391,24 @@ def _read_video(
     if known_hash is not None and known_hash(rec.sha256):
         rec.known = True
         return rec, None
+    f.seek(0)
     try:
-        rec.video, rec.frame_times, pixels = decode_video(rec.path, size, fit)
+        rec.video, rec.frame_times, pixels = decode_video(f, size, fit)  # the descriptor hashed, not the path again
     except ImageLoadError as e:
         rec.error = _strip_path(str(e), rec.path)
+        return rec, None
+    except Exception as e:  # FFmpeg raises its own errors for damaged files: a per-file error, never fatal
+        rec.error = f"corrupt or unreadable video ({_one_line(e)})"
         return rec, None
     rec.width, rec.height = rec.video["width"], rec.video["height"]
     return rec, pixels
 
 
-def decode_video(path: str, size: int, fit: str) -> tuple[dict[str, Any], list[float], np.ndarray]:
-    """(info, frame times, (n, size, size, 3) uint8 frames) of a video."""
+def decode_video(source: Any, size: int, fit: str) -> tuple[dict[str, Any], list[float], np.ndarray]:
+    """(info, frame times, (n, size, size, 3) uint8 frames) of a video: a path or an open binary file."""
     from ..media.video import sample_frames
 
-    info, frames = sample_frames(path, size=max(size, 64))
+    info, frames = sample_frames(source, size=max(size, 64))
     pixels = np.stack([load_image(im, size, fit) for _, im in frames])
     meta = {"width": info.width, "height": info.height, "duration": round(info.duration_s, 3),
             "bit_rate": info.bit_rate, "codec": info.codec}  # fmt: skip
