@@ -22,6 +22,7 @@ from .index.store import IndexStore
 from .index.sync import ProgressFn, SyncReport, sync_folder
 from .index.videos import align, frame_owner, frame_vectors, search_frames, video_shas, videos
 from .models.backbones import DEFAULT_BACKBONE, DEFAULT_POOLING
+from .sources import is_url
 
 
 @dataclass
@@ -44,8 +45,13 @@ class Match:
 
 
 def default_index_path(folder: str | Path) -> Path:
-    """`indexes/<folder name>` under the current directory."""
-    name = Path(os.path.abspath(Path(folder).expanduser())).name or "root"
+    """`indexes/<folder name>` under the current directory (for a URL, its last path part)."""
+    from .sources import is_url
+
+    if is_url(folder):
+        name = str(folder).rstrip("/").rsplit("/", 1)[-1] or "bucket"
+    else:
+        name = Path(os.path.abspath(Path(folder).expanduser())).name or "root"
     return Path.cwd() / "indexes" / name
 
 
@@ -275,7 +281,17 @@ class SimIndex:
                 return self.store.vectors([int(query)])[0]
             except KeyError:
                 raise BadInputError(f"no image with id {query} in the index") from None
-        if isinstance(query, (str, Path)):
+        if isinstance(query, str) and is_url(query):
+            row = self._query_row(query)
+            if row is not None:
+                return self.store.vectors([row.id])[0]
+            from .sources.remote import read_object
+
+            try:
+                query = read_object(query)[0]
+            except (OSError, ValueError) as e:
+                raise BadInputError(f"cannot read {query}: {e}") from None
+        elif isinstance(query, (str, Path)):
             p = Path(query).expanduser()
             if not p.exists():
                 raise BadInputError(f"query image not found: {p}")
@@ -337,9 +353,17 @@ class SimIndex:
         return RerankJob(self._features, query, qf, live, items, may_read)
 
     def _query_row(self, query: Any) -> Any:
-        """The index row a query names: an id, or the path of an indexed file that has not changed since."""
+        """The index row a query names: an id, or the path (or URL) of an indexed file that has not changed since."""
         if isinstance(query, (int, np.integer)):
             return self.store.rows([int(query)]).get(int(query))
+        if isinstance(query, str) and is_url(query):
+            from .sources.remote import stat_object
+
+            row = self.store.row_by_path(query.rstrip("/"))
+            try:
+                return row if row is not None and stat_object(query) == (row.size, row.mtime_ns) else None
+            except (OSError, ValueError):
+                return None
         if isinstance(query, (str, Path)):
             p = Path(query).expanduser()
             row = self.store.row_by_path(os.path.abspath(p))
@@ -461,6 +485,9 @@ class SimIndex:
     def _self_id(self, query: Any) -> int | None:
         if isinstance(query, (int, np.integer)):
             return int(query)
+        if isinstance(query, str) and is_url(query):
+            row = self.store.row_by_path(query)
+            return row.id if row else None
         if isinstance(query, (str, Path)):
             row = self.store.row_by_path(os.path.abspath(Path(query).expanduser()))
             return row.id if row else None

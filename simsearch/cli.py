@@ -97,7 +97,9 @@ def _calibration_sample(folder: Path, n: int = 64) -> list[str]:
 
 @app.command("index")
 def index_cmd(
-    folder: Annotated[Path, typer.Argument(help="Folder of images to index (recursively).")],
+    folder: Annotated[
+        str, typer.Argument(help="Folder of images to index (recursively), or an object-storage URL (s3://...).")
+    ],
     index: Annotated[
         Path | None, typer.Option("--index", "-i", help="Index directory (default ./indexes/<folder name>).")
     ] = None,
@@ -140,9 +142,14 @@ def index_cmd(
     from .api import SimIndex, default_index_path
     from .index.store import IndexStore
     from .index.sync import SyncInterrupted
+    from .sources import is_url
 
-    if not folder.expanduser().exists():
-        raise BadInputError(f"folder not found: {folder}")
+    if not is_url(folder):
+        folder = str(Path(folder).expanduser())
+        if not Path(folder).exists():
+            raise BadInputError(f"folder not found: {folder}")
+    elif precision == "int8":
+        raise BadInputError("--precision int8 calibrates on a local folder; index object storage with fp32 or fp16")
     if ray is not None:  # before any model is built: say at once when Ray is missing
         from .index.distributed import require_ray
 
@@ -172,7 +179,7 @@ def index_cmd(
         if index_type is not None or memory_budget is not None:
             idx.store.set_index_type(index_type or idx.store.index_type, budget)
     else:
-        rep = _calibration_sample(folder) if precision == "int8" else None
+        rep = _calibration_sample(Path(folder)) if precision == "int8" else None
         idx = SimIndex.create(path, **{k: v for k, v in opts.items() if v is not None}, engine=engine,
                               batch_size=batch_size, representative=rep, index_type=index_type or "auto",
                               memory_budget=budget)  # fmt: skip
@@ -229,7 +236,7 @@ def index_cmd(
 
 @app.command("query")
 def query_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Query image file(s), indexed or not.")],
+    images: Annotated[list[str], typer.Argument(help="Query image file(s) or object URLs, indexed or not.")],
     index: IndexPath = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of neighbours.")] = 10,
     min_score: Annotated[float | None, typer.Option("--min-score", help="Only matches with cosine >= this.")] = None,
@@ -249,17 +256,22 @@ def query_cmd(
     """Find the indexed images most similar to each IMAGE (cosine similarity, 1.0 = identical)."""
     from .api import SimIndex
     from .images import ImageLoadError, require_regular_file
+    from .sources import is_url
 
-    for img in images:  # before the index and the model are loaded: a FIFO or a folder is refused at once
+    queries: list[str | Path] = [q if is_url(q) else Path(q).expanduser() for q in images]
+    for img in queries:  # before the index and the model are loaded: a FIFO or a folder is refused at once
+        if isinstance(img, str):
+            continue
         try:
-            require_regular_file(img.expanduser())
+            require_regular_file(img)
         except ImageLoadError as e:
             raise BadInputError(f"query image {e}" if e.reason == "file not found" else str(e)) from None
     with SimIndex.open(_resolve_index(index), engine=engine) as idx:
         results = []
-        for img in images:
+        for img in queries:
             matches = idx.search(img, k=k, min_score=min_score, nprobe=nprobe, exact=exact, rerank=rerank)
-            results.append({"query": os.path.abspath(img.expanduser()), "matches": [m.to_json() for m in matches]})
+            shown = img if isinstance(img, str) else os.path.abspath(img)
+            results.append({"query": shown, "matches": [m.to_json() for m in matches]})
     if as_json:
         _emit({"results": results})
         return

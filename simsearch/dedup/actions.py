@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import BadInputError
 from ..index.store import IndexStore, atomic_write
+from ..sources import is_url
 from .finder import DedupReport, is_preferred
 from .journal import (
     JOURNAL_DB,
@@ -94,6 +95,9 @@ def plan_files(
         raise BadInputError(f"unknown action {action!r}; choose move or delete")
     if action == "move" and to is None:
         raise BadInputError("--action move needs --to DIR")
+    remote = next((f for f in files if is_url(f)), None)
+    if remote is not None:
+        raise BadInputError(f"{remote} is in object storage: dedup reports such files but does not move or delete them")
     plan = Plan(action)
     root = common_root([r.path for r in store.all_rows()])
     if action == "move":

@@ -112,6 +112,15 @@ class Row:
 _ROW_COLS = "id, path, size, mtime_ns, sha256, width, height"
 
 
+def _root_key(p: str | os.PathLike) -> str:
+    """A root as recorded: a folder's real path, or an object-storage URL as given (no trailing slash)."""
+    from ..sources import is_url
+
+    if is_url(p):
+        return str(p).rstrip("/")
+    return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
 def root_of(real: str, roots: Iterable[str]) -> str | None:
     """The longest of `roots` (real paths) that holds the resolved path `real`, or None: outside them all."""
     for root in sorted(roots, key=len, reverse=True):
@@ -391,7 +400,7 @@ class IndexStore:
         at once (a SQLite commit, as durable as the rows). The generation does not move: roots change no rows.
         """
         have = self.roots
-        new = sorted({os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(p)))) for p in paths} - set(have))
+        new = sorted({_root_key(p) for p in paths} - set(have))
         if not new:
             return
         value = json.dumps(sorted(have + new))
@@ -535,8 +544,8 @@ class IndexStore:
     def all_rows(self) -> list[Row]:
         return [Row(*r) for r in self.conn.execute(f"SELECT {_ROW_COLS} FROM images ORDER BY id")]
 
-    def rows_under(self, root: str) -> list[Row]:
-        prefix = root.rstrip(os.sep) + os.sep
+    def rows_under(self, root: str, sep: str = os.sep) -> list[Row]:
+        prefix = root.rstrip(sep) + sep
         return [
             Row(*r)
             for r in self.conn.execute(

@@ -24,6 +24,8 @@ from ..images import scan_images
 from ..media.raw import RAW_SUFFIXES
 from ..media.video import VIDEO_SUFFIXES
 from ..models.embedder import Embedder, FileRecord
+from ..sources import is_url
+from ..sources.remote import list_objects
 from .store import IndexStore, Row
 from .videos import add_video
 
@@ -101,37 +103,44 @@ def sync_folder(
     never loads the model (or TensorFlow).
     """
     t0 = time.perf_counter()
-    root = Path(folder).expanduser()
-    if not root.exists():
-        raise BadInputError(f"folder not found: {root}")
-    root = Path(os.path.abspath(root))
     report = SyncReport(index=str(store.path))
-    store.add_roots([root])  # before any row under it commits: the server serves files inside the roots only
-
-    found, walk_skips = scan_images(root, exclude=[store.path])
-    paths = [str(p) for p in found]
-    for p, reason in walk_skips:
-        if reason != NOT_AN_IMAGE or p.suffix.lower() in IMAGE_SUFFIXES:
-            report.skipped.append({"path": str(p), "error": reason})
-    report.total = len(paths) + len(report.skipped)
-    scope = str(root)
-    existing = {r.path: r for r in (store.rows_under(scope) if root.is_dir() else [store.row_by_path(scope)]) if r}
+    if is_url(folder):
+        scope = str(folder).rstrip("/")
+        store.add_roots([scope])
+        listed = {o.url: (o.size, o.mtime_ns) for o in list_objects(scope, IMAGE_SUFFIXES)}
+        existing = {r.path: r for r in store.rows_under(scope, sep="/")}
+    else:
+        root = Path(folder).expanduser()
+        if not root.exists():
+            raise BadInputError(f"folder not found: {root}")
+        root = Path(os.path.abspath(root))
+        store.add_roots([root])  # before any row under it commits: the server serves files inside the roots only
+        found, walk_skips = scan_images(root, exclude=[store.path])
+        for p, reason in walk_skips:
+            if reason != NOT_AN_IMAGE or p.suffix.lower() in IMAGE_SUFFIXES:
+                report.skipped.append({"path": str(p), "error": reason})
+        listed = {}
+        for f in found:
+            try:
+                st = os.stat(f)
+            except OSError as e:
+                report.skipped.append({"path": str(f), "error": f"cannot read: {e.strerror or e}"})
+                continue
+            listed[str(f)] = (st.st_size, st.st_mtime_ns)
+        scope = str(root)
+        existing = {r.path: r for r in (store.rows_under(scope) if root.is_dir() else [store.row_by_path(scope)]) if r}
+    report.total = len(listed) + len(report.skipped)
     failed = {p: (s, m, e) for p, s, m, e in store.failures()}
-    present = set(paths)
+    present = set(listed)
 
     todo: list[str] = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError as e:
-            report.skipped.append({"path": p, "error": f"cannot read: {e.strerror or e}"})
-            continue
+    for p, (size, mtime_ns) in listed.items():
         row = existing.get(p)
-        if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
+        if row is not None and row.size == size and row.mtime_ns == mtime_ns:
             report.unchanged += 1
             continue
         f = failed.get(p)
-        if row is None and f is not None and f[0] == st.st_size and f[1] == st.st_mtime_ns:
+        if row is None and f is not None and f[0] == size and f[1] == mtime_ns:
             report.skipped.append({"path": p, "error": f[2]})
             continue
         todo.append(p)
@@ -141,7 +150,7 @@ def sync_folder(
     for r in gone.values():
         gone_by_sha.setdefault(r.sha256, []).append(r)
     sha_ids = store.sha_to_id()
-    under = scope.rstrip(os.sep) + os.sep
+    under = scope.rstrip("/" if is_url(scope) else os.sep) + ("/" if is_url(scope) else os.sep)
     stale_failures = [p for p in failed if (p == scope or p.startswith(under)) and p not in present]
 
     done = 0

@@ -7,6 +7,7 @@ stay busy and memory stays bounded by a fixed window of decoded images.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 import threading
@@ -22,6 +23,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..images import FITS, ImageLoadError, load_encoded, load_image, open_file
 from ..media.video import sniff_video
+from ..sources import is_url
 from .backbones import DEFAULT_BACKBONE, DEFAULT_POOLING, Backbone, BackboneSpec, resolve_backbone
 
 DEFAULT_FIT = "resize"
@@ -351,6 +353,8 @@ def _read_and_decode(
     path: str, size: int, fit: str, known_hash: Callable[[str], bool] | None
 ) -> tuple[FileRecord, np.ndarray | None]:
     rec = FileRecord(path)
+    if is_url(path):
+        return _read_remote(rec, size, fit, known_hash)
     try:
         with open_file(path) as f:  # a FIFO or device swapped in since the walk is refused, never read
             st = os.fstat(f.fileno())
@@ -375,6 +379,33 @@ def _read_and_decode(
     except ImageLoadError as e:
         rec.error = _strip_path(str(e), path)
     except Exception as e:  # Pillow raises many types for malformed files; any of them is a per-file error
+        rec.error = _one_line(e)
+    return rec, None
+
+
+def _read_remote(
+    rec: FileRecord, size: int, fit: str, known_hash: Callable[[str], bool] | None
+) -> tuple[FileRecord, np.ndarray | None]:
+    """An object in object storage: read whole (this worker's own request), then like a local file."""
+    from ..sources.remote import read_object
+
+    try:
+        data, rec.size, rec.mtime_ns = read_object(rec.path)
+    except Exception as e:  # the store's client raises its own errors (network, permissions, vanished object)
+        rec.error = f"cannot read: {_one_line(e)}"
+        return rec, None
+    if sniff_video(data[:64]):
+        return _read_video(rec, io.BytesIO(data), size, fit, known_hash)
+    rec.sha256 = hashlib.sha256(data).hexdigest()
+    if known_hash is not None and known_hash(rec.sha256):
+        rec.known = True
+        return rec, None
+    try:
+        pixels, (rec.width, rec.height) = load_encoded(data, size, fit, name=rec.path)
+        return rec, pixels
+    except ImageLoadError as e:
+        rec.error = _strip_path(str(e), rec.path)
+    except Exception as e:
         rec.error = _one_line(e)
     return rec, None
 

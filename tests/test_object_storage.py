@@ -1,0 +1,108 @@
+"""Object storage: index, sync and query an s3:// prefix, against moto's S3 server started on localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from simsearch.cli import app
+
+pytest.importorskip("s3fs")
+boto3 = pytest.importorskip("boto3")
+runner = CliRunner()
+
+
+def run_json(*args: str | Path) -> dict:
+    r = runner.invoke(app, [*map(str, args), "--json"])
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[object]:
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto_server), the environment pointing at it, a client."""
+    server = shutil.which("moto_server")
+    if server is None:
+        pytest.skip("moto_server is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        client.create_bucket(Bucket="photos")
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_index_sync_query_and_dedup_an_s3_prefix(s3, photos: Path, tmp_path: Path) -> None:
+    client = s3
+    for p in sorted(photos.glob("*.jpg")):
+        client.upload_file(str(p), "photos", f"lib/{p.name}")
+    client.upload_file(str(photos / "chelsea.jpg"), "photos", "lib/copies/chelsea-copy.jpg")
+    client.put_object(Bucket="photos", Key="lib/notes.txt", Body=b"not a photo")
+    client.put_object(Bucket="photos", Key="lib/broken.jpg", Body=b"\xff\xd8\xff\xe0 truncated")
+    index = tmp_path / "idx"
+    rep = run_json("index", "s3://photos/lib", "--index", index)
+    assert rep["added"] == 9 and [s["path"] for s in rep["skipped"]] == ["s3://photos/lib/broken.jpg"]
+    assert run_json("info", "--index", index)["roots"] == ["s3://photos/lib"]
+
+    (hit, *_) = run_json("query", "s3://photos/lib/coffee.jpg", "--index", index)["results"][0]["matches"]
+    assert hit["path"] == "s3://photos/lib/coffee.jpg" and hit["score"] == pytest.approx(1.0)
+    local = run_json("query", photos / "rocket.jpg", "--index", index)["results"][0]["matches"][0]
+    assert local["path"] == "s3://photos/lib/rocket.jpg"
+    groups = run_json("dedup", "--index", index)["groups"]
+    assert [sorted(g["files"]) for g in groups] == [["s3://photos/lib/chelsea.jpg",
+                                                     "s3://photos/lib/copies/chelsea-copy.jpg"]]  # fmt: skip
+
+    r = runner.invoke(app, ["dedup", "--index", str(index), "--action", "delete", "--yes"])
+    assert r.exit_code == 1 and "object storage" in r.stderr  # report only: nothing in the bucket is touched
+
+    # -3 objects, +2 objects, one overwritten: the sync sees exactly that
+    for name in ("astronaut.jpg", "camera.jpg", "copies/chelsea-copy.jpg"):
+        client.delete_object(Bucket="photos", Key=f"lib/{name}")
+    client.upload_file(str(photos / "astronaut.jpg"), "photos", "lib/new/astronaut-again.jpg")
+    client.upload_file(str(photos / "retina.jpg"), "photos", "lib/new/retina-2.jpg")
+    client.upload_file(str(photos / "hubble_deep_field.jpg"), "photos", "lib/coffee.jpg")
+    again = run_json("index", "s3://photos/lib", "--index", index)
+    assert (again["removed"], again["updated"]) == (2, 1) and again["moved"] == 1  # astronaut moved to new/
+    assert again["added"] == 1 and again["embedded"] == 0  # both new contents are indexed already: vectors reused
+    assert run_json("info", "--index", index)["counts"]["images"] == 8
+    assert run_json("index", "s3://photos/lib", "--index", index)["unchanged"] == 8
+
+
+def test_bad_urls_are_one_line_errors(s3, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["index", "s3://no-such-bucket/x", "--index", str(tmp_path / "i")])
+    assert r.exit_code == 1 and "no such bucket" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, ["index", "s3://", "--index", str(tmp_path / "i")])
+    assert r.exit_code == 1 and "give a bucket" in r.stderr
