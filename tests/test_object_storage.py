@@ -85,6 +85,19 @@ def test_index_sync_query_and_dedup_an_s3_prefix(s3, photos: Path, tmp_path: Pat
     assert [sorted(g["files"]) for g in groups] == [["s3://photos/lib/chelsea.jpg",
                                                      "s3://photos/lib/copies/chelsea-copy.jpg"]]  # fmt: skip
 
+    from fastapi.testclient import TestClient
+
+    from simsearch.serve.app import create_app
+
+    c = TestClient(create_app(index, warm_up=False), base_url="http://127.0.0.1")
+    rid = next(m["id"] for m in c.get("/api/search", params={"id": 1, "k": 20}).json()["matches"]
+               if m["path"].endswith("/rocket.jpg"))  # fmt: skip
+    thumb = c.get(f"/api/images/{rid}/thumbnail", params={"size": 64})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"  # fetched through the index
+    assert c.get(f"/api/images/{rid}").headers["content-type"] == "image/jpeg"
+    client.upload_file(str(photos / "immunohistochemistry.jpg"), "photos", "lib/rocket.jpg")  # changed since
+    assert c.get(f"/api/images/{rid}/thumbnail", params={"size": 64}).status_code == 409
+
     r = runner.invoke(app, ["dedup", "--index", str(index), "--action", "delete", "--yes"])
     assert r.exit_code == 1 and "object storage" in r.stderr  # report only: nothing in the bucket is touched
 
@@ -95,8 +108,8 @@ def test_index_sync_query_and_dedup_an_s3_prefix(s3, photos: Path, tmp_path: Pat
     client.upload_file(str(photos / "retina.jpg"), "photos", "lib/new/retina-2.jpg")
     client.upload_file(str(photos / "hubble_deep_field.jpg"), "photos", "lib/coffee.jpg")
     again = run_json("index", "s3://photos/lib", "--index", index)
-    assert (again["removed"], again["updated"]) == (2, 1) and again["moved"] == 1  # astronaut moved to new/
-    assert again["added"] == 1 and again["embedded"] == 0  # both new contents are indexed already: vectors reused
+    assert (again["removed"], again["updated"]) == (2, 2) and again["moved"] == 1, again  # astronaut moved to new/
+    assert again["added"] == 1 and again["embedded"] == 0  # every content is indexed already: vectors reused
     assert run_json("info", "--index", index)["counts"]["images"] == 8
     assert run_json("index", "s3://photos/lib", "--index", index)["unchanged"] == 8
 
@@ -106,3 +119,20 @@ def test_bad_urls_are_one_line_errors(s3, tmp_path: Path) -> None:
     assert r.exit_code == 1 and "no such bucket" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = runner.invoke(app, ["index", "s3://", "--index", str(tmp_path / "i")])
     assert r.exit_code == 1 and "give a bucket" in r.stderr
+
+
+def test_ray_workers_read_the_bucket_themselves_and_match_local(s3, photos: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+
+    from simsearch.index.store import IndexStore
+
+    for p in sorted(photos.glob("*.jpg"))[:5]:
+        s3.upload_file(str(p), "photos", f"ray/{p.name}")
+    local = run_json("index", "s3://photos/ray", "--index", tmp_path / "local")
+    on_ray = run_json("index", "s3://photos/ray", "--index", tmp_path / "ray", "--ray", "local")
+    assert local["added"] == on_ray["added"] == 5 and on_ray["ray"]["shards"] >= 1
+    with IndexStore.open(tmp_path / "local") as a, IndexStore.open(tmp_path / "ray") as b:
+        ra, rb = ({r.path: r.id for r in s.all_rows()} for s in (a, b))
+        assert set(ra) == set(rb)
+        va, vb = a.vectors([ra[p] for p in sorted(ra)]), b.vectors([rb[p] for p in sorted(ra)])
+    assert float((va * vb).sum(axis=1).min()) > 0.9999

@@ -8,7 +8,8 @@ file with the same functions as local indexing, so vectors and per-file errors a
 order as `FileRecord` batches and go through sync's commit path: a killed run resumes without re-embedding committed
 shards because sync skips committed files.
 
-Workers open files by path: the folder must be on a filesystem that every node mounts at the same path.
+Workers open files by path: the folder must be on a filesystem that every node mounts at the same path, or in
+object storage (s3://, ...), which every worker reads itself with the credentials of its own environment.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..models.backbones import Backbone, BackboneSpec
 from ..models.embedder import Embedder, FileRecord
+from ..sources import is_url
 from .store import IndexStore
 from .sync import ProgressFn, SyncInterrupted, SyncReport, sync_folder
 
@@ -183,7 +185,7 @@ class EmbedShards:
 
 def check_readable(paths: list[str]) -> None:
     """Fail the whole job, not each file, when this worker cannot see the folder the shard's files are in."""
-    if not paths:
+    if not paths or any(is_url(p) for p in paths):  # object storage: every worker reads the objects itself
         return
     root = os.path.commonpath(paths)
     if root in paths:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from ..index.store import Row, root_of
+from ..sources import is_url
 from .errors import ConflictError, NotFoundError
 
 NO_ROOTS = (
@@ -31,6 +33,8 @@ def open_indexed(row: Row, roots: list[str], index: str) -> tuple[BinaryIO, os.s
     """The opened file of an index row and its fstat, or NotFoundError (404) / ConflictError (409)."""
     if not roots:
         raise NotFoundError(NO_ROOTS.format(index=index))
+    if is_url(row.path):
+        return _fetch_object(row, roots)
     if not os.path.lexists(row.path):
         raise NotFoundError(f"the file of image {row.id} is no longer on disk")
     real = os.path.realpath(row.path)
@@ -54,6 +58,33 @@ def open_indexed(row: Row, roots: list[str], index: str) -> tuple[BinaryIO, os.s
         f.close()
         raise
     return f, st
+
+
+def _fetch_object(row: Row, roots: list[str]) -> tuple[BinaryIO, os.stat_result]:
+    """An object of an indexed bucket prefix, fetched through the index into an unnamed temporary file whose size
+    and mtime are the object's, so it is checked and decoded like a local file."""
+    if not any(row.path.startswith(r.rstrip("/") + "/") for r in roots if is_url(r)):
+        raise NotFoundError(f"the object of image {row.id} is outside the prefixes this index covers; not served")
+    from ..sources.remote import read_object
+
+    try:
+        data, _, mtime_ns = read_object(row.path)
+    except FileNotFoundError:
+        raise NotFoundError(f"the object of image {row.id} is no longer in the bucket") from None
+    except Exception as e:  # the store's client: network, credentials
+        raise NotFoundError(f"the object of image {row.id} cannot be read ({' '.join(str(e).split())})") from None
+    f = tempfile.TemporaryFile()
+    try:
+        f.write(data)
+        f.flush()
+        os.utime(f.fileno(), ns=(mtime_ns, mtime_ns))
+        f.seek(0)
+        st = os.fstat(f.fileno())
+        check_fingerprint(row, st)
+    except BaseException:
+        f.close()
+        raise
+    return f, st  # type: ignore[return-value]
 
 
 def check_fingerprint(row: Row, st: os.stat_result) -> None:
