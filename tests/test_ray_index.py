@@ -102,6 +102,7 @@ def test_cli_on_ray_equals_local_and_reports_ray(ray_address: str, folder: Path,
     shards = len(make_shards(list(range(N_IMAGES + 1)), 8, 2))
     assert out["ray"].pop("start_s") > 0 and out["ray"].pop("steady_img_s") > 0
     assert out["ray"].pop("address") not in ("local", ray_address)
+    assert out["ray"].pop("nodes") == 1 and sum(out["ray"].pop("shards_per_node").values()) == shards
     assert out["ray"] == {"workers": 2, "shards": shards}
     assert_same_vectors(vectors_by_path(index), want)
     # the broken file is skipped with the same reason as locally, and the run still succeeds

@@ -172,6 +172,7 @@ class EmbedShards:
             payload = {**payload, "model": ray.get(payload["model_ref"][0])}
         self.embedder = build_worker_embedder(payload)
         self.dim = int(payload["dim"])
+        self.node = str(ray.get_runtime_context().get_node_id())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         began = time.time()  # wall clock, comparable across processes (and, with NTP, nodes)
@@ -180,6 +181,7 @@ class EmbedShards:
         records = [r for part in self.embedder.embed_files(paths) for r in part]
         out = records_to_columns(records, self.dim)
         out["began"], out["ended"] = np.full(len(records), began), np.full(len(records), time.time())
+        out["node"] = np.array([self.node] * len(records), dtype=object)  # where this shard ran
         return out
 
 
@@ -297,9 +299,15 @@ class RayEmbedder:
         )
         self._batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         span = [float("inf"), 0.0, 0]  # first shard began, last shard ended (on the workers), files
+        per_node: dict[str, int] = {}
+        self.info["nodes"] = sum(1 for n in ray.nodes() if n.get("Alive"))
+        self.info["shards_per_node"] = per_node
         try:
             for batch in self._batches:
                 records = columns_to_records(batch)
+                if "node" in batch and len(batch["node"]):
+                    node = str(batch["node"][0])
+                    per_node[node] = per_node.get(node, 0) + 1
                 if records:
                     span = [
                         min(span[0], batch["began"].min()),
