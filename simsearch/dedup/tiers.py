@@ -1,0 +1,294 @@
+"""Copies vs other shots: is a related pair the same capture (a copy) or another photo of the same scene (similar)?
+
+A copy is the same pixels, whatever was done to them (re-encoded, resized, cropped, rotated, brightened, captioned,
+converted): once the two images are aligned by an affine map, every textured cell of a grid agrees (normalised
+cross-correlation, so gain and offset edits pass) and agrees *in place* (the residual shift of each cell, a
+Lucas-Kanade step, stays under a fraction of a pixel). Another shot of the scene (a burst, the same poster from
+another phone) moves: parallax and perspective leave cells shifted after the best affine fit, a moving subject or
+other light leaves cells that disagree. Cameras make the same call from EXIF when both files have it: a copy keeps
+or strips the capture time and camera, it never changes them, so different ones mean different shots.
+
+Everything works on small grey thumbnails (longer side `SIDE`), decoded once per file (JPEG DCT-scaled) and cached
+by the caller; the alignment is an ECC affine fit at half that size, tried first as the identity (same framing, the
+common case) and started from a homography when local features found one (`init`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SIDE = 256  # longer side of the thumbnails compared
+GRID = 8  # cells per side
+FLAT_STD, STRONG_STD = 4.0, 16.0  # grey-level spread of a flat cell / of texture that a flat cell contradicts
+CLIPPED = (4.0, 251.0)
+CELL_NCC = 0.8  # a cell agrees at or above this correlation (copies: every textured cell at 256 px)
+MAX_WEAK = 0.06  # copies: at most this share of cells disagree (a caption, a logo)
+MAX_WEAK_IN_PLACE = 0.10  # up to this many when everything else sits exactly in place (an overlay, not motion)
+TIGHT_SHIFT_P90 = 0.35
+MOVED_PX = 0.75  # a cell whose residual shift is this large (pixels at SIDE) has moved: parallax, motion
+MAX_MOVED = 0.15  # copies: at most this share of cells moved
+MAX_SHIFT_P90 = 0.8  # copies: 90th percentile of the residual shifts
+MIN_CELLS = 8  # fewer comparable cells: the pixels give no verdict
+SIMILAR_NCC = 0.80  # not a copy, but the aligned images still correlate this well overall: the same scene
+TIERS = ("copy", "similar", "none")
+
+
+@dataclass
+class Thumb:
+    """What the tier decision needs of one file: a small grey image, capture facts from EXIF, shot quality."""
+
+    grey: np.ndarray  # float32, longer side SIDE
+    captured: str | None = None  # DateTimeOriginal + SubSecTimeOriginal
+    camera: str | None = None  # Make Model (BodySerialNumber)
+    sharpness: float = 0.0  # variance of the Laplacian of the grey thumbnail
+    exposure: float = 0.0  # share of clipped (blown or crushed) pixels
+    pixels: int = 0  # width x height of the file
+
+
+@dataclass
+class Evidence:
+    """How two aligned thumbnails compare; `tier` is the verdict ("copy", "similar", "none") and `why` says why."""
+
+    tier: str
+    why: str
+    cells: int = 0
+    weak: float = 1.0  # share of cells that disagree
+    moved: float = 1.0  # share of cells shifted by MOVED_PX or more
+    shift_p90: float = math.inf  # 90th percentile residual shift (pixels at SIDE)
+    ncc: float = -1.0  # overall correlation after alignment
+    rotation: int = 0  # quarter turns applied to the second image
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tier": self.tier, "why": self.why, "cells": self.cells, "weak": round(self.weak, 3),
+                "moved": round(self.moved, 3),
+                "shift_p90": None if not math.isfinite(self.shift_p90) else round(self.shift_p90, 3),
+                "ncc": round(self.ncc, 3), "rotation": self.rotation * 90}  # fmt: skip
+
+
+def load_thumb(path: str) -> Thumb:
+    """Decode `path` once into a Thumb (raises ImageLoadError when unreadable)."""
+    from PIL import Image
+
+    from ..images import open_image
+
+    im = open_image(path, target=SIDE)
+    w, h = im.size
+    s = SIDE / max(w, h)
+    grey = im.convert("L")
+    if s < 1:
+        grey = grey.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
+    g = np.asarray(grey, np.float32)
+    captured, camera, pixels = _exif(path)
+    sharp, exposure = _quality(g)
+    return Thumb(g, captured, camera, sharp, exposure, pixels or w * h)
+
+
+def _exif(path: str) -> tuple[str | None, str | None, int]:
+    """(capture time, camera, stored pixels) from the file's header; Nones when it has no such tags."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            pixels = im.size[0] * im.size[1]
+            exif = im.getexif()
+            sub = exif.get_ifd(0x8769)
+    except Exception:
+        return None, None, 0
+    when = sub.get(36867)  # DateTimeOriginal: DateTime (306) is the last edit, which a copy may change
+    if when:
+        when = str(when).strip() + ("." + str(sub.get(37521)).strip() if sub.get(37521) else "")
+    parts = [str(exif.get(271) or "").strip(), str(exif.get(272) or "").strip(), str(sub.get(42033) or "").strip()]
+    camera = " ".join(p for p in parts if p) or None
+    return when or None, camera, pixels
+
+
+def _quality(g: np.ndarray) -> tuple[float, float]:
+    """Sharpness (variance of the Laplacian) and the share of clipped pixels of a grey thumbnail."""
+    import cv2
+
+    lap = cv2.Laplacian(g, cv2.CV_32F)
+    return float(lap.var()), float(((g <= CLIPPED[0]) | (g >= CLIPPED[1])).mean())
+
+
+def shot_score(t: Thumb) -> float:
+    """Best shot first (higher is better): sharp, well exposed, then larger."""
+    return math.log1p(t.sharpness) - 4.0 * t.exposure + 0.05 * math.log1p(t.pixels)
+
+
+def exif_verdict(a: Thumb, b: Thumb) -> str | None:
+    """Why EXIF proves two files are different shots, or None (no proof: same or missing tags)."""
+    if a.captured and b.captured and a.captured != b.captured:
+        return f"different capture times in EXIF ({a.captured} vs {b.captured})"
+    if a.camera and b.camera and a.camera != b.camera:
+        return f"different cameras in EXIF ({a.camera} vs {b.camera})"
+    return None
+
+
+def compare(a: Thumb, b: Thumb, init: np.ndarray | None = None, rotations: bool = False) -> Evidence:
+    """The tier of a pair from its pixels and EXIF. `init`: a 3x3 map from b's thumbnail pixels to a's (e.g. a
+    homography from local features); `rotations`: also try b turned by 90/180/270 degrees."""
+    other = exif_verdict(a, b)
+    ev = _pixels(a.grey, b.grey, init, rotations)
+    if other and ev.tier == "copy":
+        return Evidence("similar", other, ev.cells, ev.weak, ev.moved, ev.shift_p90, ev.ncc, ev.rotation)
+    if other:
+        ev.why = f"{other}; {ev.why}"
+    return ev
+
+
+def _pixels(a: np.ndarray, b: np.ndarray, init: np.ndarray | None, rotations: bool) -> Evidence:
+    import cv2
+
+    best: Evidence | None = None
+    ra = a.shape[1] / a.shape[0]
+    for r in (0, 1, 3, 2) if (rotations or init is None) else (0,):
+        if r == 2 and not rotations:
+            continue
+        br = np.ascontiguousarray(np.rot90(b, r)) if r else b
+        if init is None and abs(math.log(ra / (br.shape[1] / br.shape[0]))) > 0.25:
+            continue  # framing too different for an alignment from the identity
+        sx, sy = br.shape[1] / a.shape[1], br.shape[0] / a.shape[0]
+        bb = cv2.resize(br, (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA)
+        if init is not None:  # b pixels -> a pixels; ECC wants a -> bb
+            to_bb = np.diag([1 / sx, 1 / sy, 1.0]) @ np.linalg.inv(init)
+            starts = [(to_bb / to_bb[2, 2])[:2].astype(np.float32)]
+        else:
+            starts = [None]
+        for m in starts:
+            if m is None:
+                ev = _judge(a, bb, np.eye(2, 3, dtype=np.float32))
+                if ev.tier == "copy":
+                    ev.rotation = r
+                    return ev
+                m = _ecc(a, bb, np.eye(2, 3, dtype=np.float32))
+            else:
+                m = _ecc(a, bb, m)
+            if m is None:
+                continue
+            ev = _judge(a, bb, m)
+            ev.rotation = r
+            if ev.tier == "copy":
+                return ev
+            if best is None or (ev.cells, -ev.weak - ev.moved) > (best.cells, -best.weak - best.moved) and ev.cells:
+                best = ev
+    return best or Evidence("none", "the images could not be aligned")
+
+
+def _ecc(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> np.ndarray | None:
+    """Affine map (a pixels -> b pixels) refined by ECC at half size from `m`; None when it does not converge."""
+    import cv2
+
+    ha, hb = cv2.pyrDown(a), cv2.pyrDown(b)
+    m = m.copy()
+    m[:, 2] /= 2
+    crit = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 40, 1e-4)
+    try:
+        qa, qb = cv2.pyrDown(ha), cv2.pyrDown(hb)
+        mq = m.copy()
+        mq[:, 2] /= 2
+        _, mq = cv2.findTransformECC(qa, qb, mq, cv2.MOTION_AFFINE, crit, None, 3)
+        mq[:, 2] *= 2
+        _, m = cv2.findTransformECC(ha, hb, mq, cv2.MOTION_AFFINE, crit, None, 3)
+    except cv2.error:
+        return None
+    m[:, 2] *= 2
+    return m
+
+
+def _judge(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> Evidence:
+    """Warp b onto a with `m` (a -> b pixels) and compare them cell by cell."""
+    import cv2
+
+    h, w = a.shape
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(b, m, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    mask = cv2.warpAffine(np.ones(b.shape, np.uint8), m, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    mask = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+    return _cells(a, warped, mask)
+
+
+def _blocks(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    return x[: GRID * ch, : GRID * cw].reshape(GRID, ch, GRID, cw).swapaxes(1, 2).reshape(GRID * GRID, ch * cw)
+
+
+def _cells(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> Evidence:
+    """Per grid cell: agreement (NCC over usable pixels) and the residual shift (one Lucas-Kanade step)."""
+    h, w = a.shape
+    ch, cw = h // GRID, w // GRID
+    if ch < 4 or cw < 4:
+        return Evidence("none", "too small to compare")
+    gy, gx = np.gradient(a)
+    usable = mask & (a > CLIPPED[0]) & (a < CLIPPED[1]) & (b > CLIPPED[0]) & (b < CLIPPED[1])
+    A, B, U, M = (_blocks(x, ch, cw) for x in (a, b, usable.astype(np.float32), mask.astype(np.float32)))
+    GX, GY = _blocks(gx, ch, cw), _blocks(gy, ch, cw)
+    n = U.sum(1)
+    live = (M.mean(1) >= 0.9) & (n >= 0.7 * ch * cw)
+    if live.sum() < MIN_CELLS:
+        covered = float(mask.mean())
+        return Evidence("none", f"too little overlap to compare ({covered:.0%} covered)", int(live.sum()))
+    n = np.maximum(n, 1)
+    ma, mb = (A * U).sum(1) / n, (B * U).sum(1) / n
+    da, db = (A - ma[:, None]) * U, (B - mb[:, None]) * U
+    sa, sb = np.sqrt((da * da).sum(1) / n), np.sqrt((db * db).sum(1) / n)
+    ncc = (da * db).sum(1) / n / np.maximum(sa * sb, 1e-6)
+    flat_a, flat_b = sa < FLAT_STD, sb < FLAT_STD
+    both_flat = flat_a & flat_b
+    contradict = (flat_a & (sb >= STRONG_STD)) | (flat_b & (sa >= STRONG_STD))
+    faint = (flat_a ^ flat_b) & ~contradict  # flat against faint texture: smoothing or clipping edits look like this
+    counted = live & ~faint
+    textured = counted & ~flat_a & ~flat_b
+    agree = both_flat | (textured & (ncc >= CELL_NCC))
+    # residual shift of b against a per agreeing textured cell, gain and offset removed: a Lucas-Kanade step
+    bn = db * (sa / np.maximum(sb, 1e-6))[:, None]
+    it = (bn - da) * U
+    gxx, gyy, gxy = (GX * GX * U).sum(1), (GY * GY * U).sum(1), (GX * GY * U).sum(1)
+    bx, by = (GX * it).sum(1), (GY * it).sum(1)
+    det = gxx * gyy - gxy * gxy
+    ok = textured & (ncc >= CELL_NCC) & (det > 1e-3 * np.maximum(gxx + gyy, 1e-6) ** 2)
+    det = np.where(ok, det, 1.0)
+    dx, dy = (gyy * bx - gxy * by) / det, (gxx * by - gxy * bx) / det
+    shift = _affine_residual(dx[ok], dy[ok], np.flatnonzero(ok), ch, cw)
+    cells = int(counted.sum())
+    if cells < MIN_CELLS:
+        return Evidence("none", "too few comparable cells", cells)
+    weak = float((counted & ~agree).sum() / cells)
+    moved = float((shift >= MOVED_PX).sum() / cells)
+    p90 = float(np.percentile(shift, 90)) if len(shift) else 0.0
+    u = usable.ravel()
+    overall = float(np.corrcoef(a.ravel()[u], b.ravel()[u])[0, 1]) if u.sum() > 16 else -1.0
+    if not np.isfinite(overall):
+        overall = 1.0 if weak == 0 else -1.0
+    is_copy = (weak <= MAX_WEAK and moved <= MAX_MOVED and p90 <= MAX_SHIFT_P90) or (
+        weak <= MAX_WEAK_IN_PLACE and moved <= 0.05 and p90 <= TIGHT_SHIFT_P90
+    )
+    if is_copy:
+        why = (f"the same pixels after alignment: {1 - weak:.0%} of {cells} cells agree, residual shift "
+               f"{p90:.2f} px (90th percentile at {SIDE} px)")  # fmt: skip
+        tier = "copy"
+    else:
+        reasons = []
+        if weak > MAX_WEAK:
+            reasons.append(f"{weak:.0%} of {cells} cells differ (motion, other light or content)")
+        if moved > MAX_MOVED or p90 > MAX_SHIFT_P90:
+            reasons.append(f"{moved:.0%} of cells shifted by {MOVED_PX} px or more after the best affine fit "
+                           f"(90th percentile {p90:.2f} px: parallax or perspective)")  # fmt: skip
+        why = "another shot: " + "; ".join(reasons)
+        tier = "similar" if overall >= SIMILAR_NCC else "none"
+    return Evidence(tier, why, cells, weak, moved, p90, overall)
+
+
+def _affine_residual(dx: np.ndarray, dy: np.ndarray, at: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """Cell shifts left after the best affine fit of the shift field: an alignment slightly off (a half-pixel
+    decoder phase, a scale a little wrong) is affine and removed; parallax and perspective are not."""
+    if len(at) < 6:
+        return np.hypot(dx, dy)
+    cy, cx = (at // GRID + 0.5) * ch, (at % GRID + 0.5) * cw
+    design = np.stack([cx, cy, np.ones_like(cx)], 1)
+    coef, *_ = np.linalg.lstsq(design, np.stack([dx, dy], 1), rcond=None)
+    rest = np.stack([dx, dy], 1) - design @ coef
+    return np.hypot(rest[:, 0], rest[:, 1])
