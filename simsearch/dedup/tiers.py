@@ -146,9 +146,12 @@ def _pixels(a: np.ndarray, b: np.ndarray, init: np.ndarray | None, rotations: bo
 
     best: Evidence | None = None
     ra = a.shape[1] / a.shape[0]
-    for r in (0, 1, 3, 2) if (rotations or init is None) else (0,):
-        if r == 2 and not rotations:
-            continue
+    turns = (0, 1, 3, 2) if rotations else (0, 1, 3)  # quarter turns only when asked, or when the framing says so
+    if init is not None:
+        turns = (0,)
+    elif not rotations and abs(math.log(ra * b.shape[0] / b.shape[1])) <= 0.25:
+        turns = (0,)
+    for r in turns:
         br = np.ascontiguousarray(np.rot90(b, r)) if r else b
         if init is None and abs(math.log(ra / (br.shape[1] / br.shape[0]))) > 0.25:
             continue  # framing too different for an alignment from the identity

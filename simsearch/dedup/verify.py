@@ -1,4 +1,8 @@
-"""Geometric confirmation of near-duplicate pairs: keep copies, drop look-alikes.
+"""Pair verdicts for dedup: copies, other shots of the same scene (similar), or look-alikes (dropped).
+
+`tier_pairs` (the default) decides every candidate pair from small aligned thumbnails first (`tiers.compare`: the
+same pixels in place = a copy; aligned but moved or changed = another shot), and only pairs the pixels cannot place
+go to local features: a homography with enough inliers seeds the alignment again, too few inliers mean look-alikes.
 
 A pair is kept when local features match under a homography (enough RANSAC inliers) and the warped images agree
 where one covers the other (see `spatial.copies`). Pairs go best score first; with `connected`, a pair whose files
@@ -121,3 +125,154 @@ def verify_pairs(
     finally:
         source.close()
     return PairVerdicts(keep, inliers, no_verdict)
+
+
+COPY, SIMILAR, NONE = 2, 1, 0
+SIMILAR_INLIERS = 15  # local-feature inliers that make a pixel-misaligned pair the same object (as re-ranking)
+
+
+@dataclass
+class PairTiers:
+    tier: np.ndarray  # int8 per pair: COPY, SIMILAR or NONE
+    implied: np.ndarray  # bool per pair: a copy because its files are already joined by copies (not checked)
+    no_verdict: np.ndarray  # bool per pair: unreadable, or too little texture to tell
+    local: np.ndarray  # bool per pair: local features were needed
+    thumbs: dict[int, Any]  # position -> tiers.Thumb of every file looked at (for the best-shot rule)
+
+
+def tier_pairs(
+    index_dir: Path,
+    rows: Sequence[Any],
+    i: np.ndarray,
+    j: np.ndarray,
+    s: np.ndarray,
+    connected: bool = True,
+    local: bool = True,
+    sure_above: float | None = None,
+    rotations: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    threads: int = 2,
+) -> PairTiers:
+    """The tier of each pair (rows[i[k]], rows[j[k]]) scoring s[k], best score first.
+
+    `connected`: a pair whose files are already joined by copies is a copy without a check. `local`: pairs the
+    pixels do not place are matched by local features (else they are other shots by cosine); pairs at or above
+    `sure_above` never need them (related for sure: the pixels only say which tier). Each file is decoded once."""
+    from .tiers import compare, load_thumb
+
+    n = len(i)
+    tier = np.zeros(n, np.int8)
+    implied = np.zeros(n, bool)
+    no_verdict = np.zeros(n, bool)
+    used_local = np.zeros(n, bool)
+    thumbs: dict[int, Any] = {}
+    feats: dict[int, Any] = {}
+    copies = UnionFind(len(rows)) if connected else None
+    linked = UnionFind(len(rows))  # copies or other shots
+
+    def thumb(x: int) -> None:
+        try:
+            thumbs[x] = load_thumb(rows[x].path)
+        except Exception:  # unreadable now: no verdict
+            thumbs[x] = None
+
+    def judge(k: int) -> tuple[int, Any]:
+        ta, tb = thumbs[int(i[k])], thumbs[int(j[k])]
+        if ta is None or tb is None:
+            return k, None
+        return k, compare(ta, tb, rotations=rotations)
+
+    source = None
+    order = np.argsort(-s, kind="stable")
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # OpenCV, numpy and Pillow release the GIL
+            for a in range(0, n, _CHUNK):
+                chunk = order[a : a + _CHUNK]
+                if copies is not None:
+                    known = np.array([copies.connected(int(i[k]), int(j[k])) for k in chunk], bool)
+                    tier[chunk[known]], implied[chunk[known]] = COPY, True
+                    chunk = chunk[~known]
+                need = sorted({int(x) for k in chunk for x in (i[k], j[k])} - thumbs.keys())
+                list(pool.map(thumb, need))
+                unsure = []
+                for k, ev in pool.map(judge, chunk.tolist()):
+                    x, y = int(i[k]), int(j[k])
+                    if ev is None:
+                        no_verdict[k] = True
+                    elif ev.tier == "copy":
+                        tier[k] = COPY
+                        linked.union(x, y)
+                        if copies is not None:
+                            copies.union(x, y)
+                    elif ev.tier == "similar" or (sure_above is not None and s[k] >= sure_above) or not local:
+                        tier[k] = SIMILAR
+                        linked.union(x, y)
+                    elif not linked.connected(x, y):
+                        unsure.append(k)
+                    else:
+                        tier[k] = SIMILAR  # already one scene through other pairs: no need to look closer
+                if unsure:
+                    if source is None:
+                        from ..spatial.local_features import require_cv2
+                        from ..spatial.rerank import FeatureSource
+
+                        require_cv2()
+                        source = FeatureSource(index_dir)
+                    _local_tiers(pool, source, rows, i, j, unsure, feats, thumbs, tier, no_verdict, rotations)
+                    used_local[unsure] = True
+                    for k in unsure:
+                        if tier[k] != NONE:
+                            linked.union(int(i[k]), int(j[k]))
+                        if tier[k] == COPY and copies is not None:
+                            copies.union(int(i[k]), int(j[k]))
+                if progress:
+                    progress(min(n, a + _CHUNK), n)
+    finally:
+        if source is not None:
+            source.close()
+    return PairTiers(tier, implied, no_verdict, used_local, {k: v for k, v in thumbs.items() if v is not None})
+
+
+def _local_tiers(pool: Any, source: Any, rows: Sequence[Any], i: np.ndarray, j: np.ndarray, ks: list[int],
+                 feats: dict[int, Any], thumbs: dict[int, Any], tier: np.ndarray, no_verdict: np.ndarray,
+                 rotations: bool) -> None:  # fmt: skip
+    """Tiers of pairs the pixels could not place: local features, then the pixels again from their homography."""
+
+    def prepare(x: int) -> None:
+        stored = source.stored([rows[x].sha256]).get(rows[x].sha256)
+        try:
+            feats[x] = prepare_image(rows[x].path, stored)[0]
+        except Exception:
+            feats[x] = None
+
+    list(pool.map(prepare, sorted({int(x) for k in ks for x in (i[k], j[k])} - feats.keys())))
+
+    def one(k: int) -> tuple[int, int, bool]:
+        a, b = int(i[k]), int(j[k])
+        fa, fb = feats[a], feats[b]
+        if fa is None or fb is None or thumbs.get(a) is None or thumbs.get(b) is None:
+            return k, NONE, True
+        return (k, *local_tier(fa, fb, thumbs[a], thumbs[b], rotations)[:2])
+
+    for k, t, bad in pool.map(one, ks):
+        tier[k], no_verdict[k] = t, bad
+
+
+def local_tier(fa: Any, fb: Any, ta: Any, tb: Any, rotations: bool = False) -> tuple[int, bool, int]:
+    """(tier, no verdict, inliers) of a pair from local features: the homography seeds the pixel comparison."""
+    from ..spatial.local_features import MAX_SIDE
+    from ..spatial.matching import fit_homography, tentative_matches
+    from .tiers import compare
+
+    v = fit_homography(fa, fb, tentative_matches(fa, [fb])[0])
+    if v.inliers < MIN_INLIERS and min(len(fa), len(fb)) < MIN_KEYPOINTS:
+        return NONE, True, v.inliers
+    if v.inliers < MIN_INLIERS or v.homography is None:
+        return NONE, False, v.inliers
+    # fit_homography maps b to a at MAX_SIDE scale; compare wants b thumbnail pixels -> a thumbnail pixels
+    sa, sb = max(ta.grey.shape) / MAX_SIDE, max(tb.grey.shape) / MAX_SIDE
+    h = np.diag([sa, sa, 1.0]) @ v.homography @ np.diag([1 / sb, 1 / sb, 1.0])
+    ev = compare(ta, tb, init=h, rotations=rotations)
+    if ev.tier == "copy":
+        return COPY, False, v.inliers
+    return (SIMILAR if v.inliers >= SIMILAR_INLIERS else NONE), False, v.inliers
