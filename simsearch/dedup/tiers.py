@@ -29,6 +29,7 @@ CELL_NCC = 0.8  # a cell agrees at or above this correlation (copies: every text
 MAX_WEAK = 0.06  # copies: at most this share of cells disagree (a caption, a logo)
 MAX_WEAK_IN_PLACE = 0.10  # up to this many when everything else sits exactly in place (an overlay, not motion)
 TIGHT_SHIFT_P90 = 0.35
+MAX_BEND = 0.55  # copies: quadratic bend of the shift field at the corners (px at SIDE); perspective bends it
 MOVED_PX = 0.75  # a cell whose residual shift is this large (pixels at SIDE) has moved: parallax, motion
 MAX_MOVED = 0.15  # copies: at most this share of cells moved
 MAX_SHIFT_P90 = 0.8  # copies: 90th percentile of the residual shifts
@@ -67,7 +68,8 @@ class Evidence:
         return {"tier": self.tier, "why": self.why, "cells": self.cells, "weak": round(self.weak, 3),
                 "moved": round(self.moved, 3),
                 "shift_p90": None if not math.isfinite(self.shift_p90) else round(self.shift_p90, 3),
-                "ncc": round(self.ncc, 3), "rotation": self.rotation * 90}  # fmt: skip
+                "ncc": round(self.ncc, 3), "rotation": self.rotation * 90,
+                **{k: round(v, 3) for k, v in self.metrics.items()}}  # fmt: skip
 
 
 def load_thumb(path: str) -> Thumb:
@@ -256,6 +258,7 @@ def _cells(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> Evidence:
     det = np.where(ok, det, 1.0)
     dx, dy = (gyy * bx - gxy * by) / det, (gxx * by - gxy * bx) / det
     shift = _affine_residual(dx[ok], dy[ok], np.flatnonzero(ok), ch, cw)
+    bend = _bend(dx[ok], dy[ok], np.flatnonzero(ok), ch, cw)
     cells = int(counted.sum())
     if cells < MIN_CELLS:
         return Evidence("none", "too few comparable cells", cells)
@@ -266,8 +269,9 @@ def _cells(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> Evidence:
     overall = float(np.corrcoef(a.ravel()[u], b.ravel()[u])[0, 1]) if u.sum() > 16 else -1.0
     if not np.isfinite(overall):
         overall = 1.0 if weak == 0 else -1.0
-    is_copy = (weak <= MAX_WEAK and moved <= MAX_MOVED and p90 <= MAX_SHIFT_P90) or (
-        weak <= MAX_WEAK_IN_PLACE and moved <= 0.05 and p90 <= TIGHT_SHIFT_P90
+    is_copy = bend <= MAX_BEND and (
+        (weak <= MAX_WEAK and moved <= MAX_MOVED and p90 <= MAX_SHIFT_P90)
+        or (weak <= MAX_WEAK_IN_PLACE and moved <= 0.05 and p90 <= TIGHT_SHIFT_P90)
     )
     if is_copy:
         why = (f"the same pixels after alignment: {1 - weak:.0%} of {cells} cells agree, residual shift "
@@ -277,12 +281,14 @@ def _cells(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> Evidence:
         reasons = []
         if weak > MAX_WEAK:
             reasons.append(f"{weak:.0%} of {cells} cells differ (motion, other light or content)")
+        if bend > MAX_BEND:
+            reasons.append(f"the residual shifts bend by {bend:.2f} px toward the corners (perspective)")
         if moved > MAX_MOVED or p90 > MAX_SHIFT_P90:
             reasons.append(f"{moved:.0%} of cells shifted by {MOVED_PX} px or more after the best affine fit "
                            f"(90th percentile {p90:.2f} px: parallax or perspective)")  # fmt: skip
         why = "another shot: " + "; ".join(reasons)
         tier = "similar" if overall >= SIMILAR_NCC else "none"
-    return Evidence(tier, why, cells, weak, moved, p90, overall)
+    return Evidence(tier, why, cells, weak, moved, p90, overall, metrics={"bend": bend})
 
 
 def _affine_residual(dx: np.ndarray, dy: np.ndarray, at: np.ndarray, ch: int, cw: int) -> np.ndarray:
@@ -295,3 +301,16 @@ def _affine_residual(dx: np.ndarray, dy: np.ndarray, at: np.ndarray, ch: int, cw
     coef, *_ = np.linalg.lstsq(design, np.stack([dx, dy], 1), rcond=None)
     rest = np.stack([dx, dy], 1) - design @ coef
     return np.hypot(rest[:, 0], rest[:, 1])
+
+
+def _bend(dx: np.ndarray, dy: np.ndarray, at: np.ndarray, ch: int, cw: int) -> float:
+    """Largest displacement (pixels) that quadratic terms add to the best affine fit of the shift field over the
+    grid: perspective (another viewpoint of a plane) bends it, a copy's field is flat noise."""
+    if len(at) < 12:
+        return 0.0
+    u, v = (at % GRID + 0.5) / GRID - 0.5, (at // GRID + 0.5) / GRID - 0.5
+    design = np.stack([u, v, np.ones_like(u), u * u, u * v, v * v], 1)
+    coef, *_ = np.linalg.lstsq(design, np.stack([dx, dy], 1), rcond=None)
+    corners = np.array([[x * x, x * y, y * y] for x in (-0.5, 0.5) for y in (-0.5, 0.5)])
+    quad = corners @ coef[3:] - (corners @ coef[3:]).mean(0)
+    return float(np.hypot(quad[:, 0], quad[:, 1]).max())
