@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 SIDE = 256  # longer side of the thumbnails compared
+BLUR = 1.0  # Gaussian sigma (pixels at SIDE) applied before comparing
 GRID = 8  # cells per side
 FLAT_STD, STRONG_STD = 4.0, 16.0  # grey-level spread of a flat cell / of texture that a flat cell contradicts
 CLIPPED = (4.0, 251.0)
@@ -73,40 +74,72 @@ class Evidence:
 
 
 def load_thumb(path: str) -> Thumb:
-    """Decode `path` once into a Thumb (raises ImageLoadError when unreadable)."""
+    """Decode `path` once into a Thumb (raises ImageLoadError when unreadable). JPEGs decode straight to grey at
+    the smallest DCT scale that still covers the thumbnail; other formats go through `images.open_image`."""
+    import cv2
     from PIL import Image
 
-    from ..images import open_image
+    g, captured, camera, pixels = _jpeg_grey(path)
+    if g is None:
+        from ..images import open_image
 
-    im = open_image(path, target=SIDE)
-    w, h = im.size
+        g = open_image(path, target=SIDE).convert("L")
+    w, h = g.size
     s = SIDE / max(w, h)
-    grey = im.convert("L")
     if s < 1:
-        grey = grey.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
-    g = np.asarray(grey, np.float32)
-    captured, camera, pixels = _exif(path)
-    sharp, exposure = _quality(g)
-    return Thumb(g, captured, camera, sharp, exposure, pixels or w * h)
+        g = g.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
+    grey = np.asarray(g, np.float32)
+    sharp = _quality(grey)
+    # a light blur: resampling and re-encoding alias fine texture differently in each copy; the alignment is kept
+    grey = cv2.GaussianBlur(grey, (0, 0), BLUR)
+    return Thumb(grey, captured, camera, *sharp, pixels=pixels or w * h)
 
 
-def _exif(path: str) -> tuple[str | None, str | None, int]:
-    """(capture time, camera, stored pixels) from the file's header; Nones when it has no such tags."""
+def _jpeg_grey(path: str) -> tuple[Any, str | None, str | None, int]:
+    """(upright grey image, or None when not a plain JPEG; capture time; camera; stored pixels) from one open."""
     from PIL import Image
+
+    from ..images import DRAFT_COVERAGE
 
     try:
         with Image.open(path) as im:
             pixels = im.size[0] * im.size[1]
-            exif = im.getexif()
-            sub = exif.get_ifd(0x8769)
+            captured, camera = _exif_tags(im)
+            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+                return None, captured, camera, pixels
+            w, h = im.size
+            s = DRAFT_COVERAGE * SIDE / max(w, h)
+            if s < 1:
+                im.draft("L", (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+            turn = _ORIENT.get(im.getexif().get(274) or 1)
+            g = im.convert("L")
+            return (g.transpose(turn) if turn is not None else g), captured, camera, pixels
     except Exception:
-        return None, None, 0
+        return None, None, None, 0
+
+
+_ORIENT = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # EXIF orientation -> PIL.Image.Transpose value
+
+
+def _exif_tags(im: Any) -> tuple[str | None, str | None]:
+    """(capture time, camera) from an opened image's EXIF; Nones when it has no such tags."""
+    try:
+        exif = im.getexif()
+        sub = exif.get_ifd(0x8769)
+    except Exception:
+        return None, None
     when = sub.get(36867)  # DateTimeOriginal: DateTime (306) is the last edit, which a copy may change
     if when:
         when = str(when).strip() + ("." + str(sub.get(37521)).strip() if sub.get(37521) else "")
     parts = [str(exif.get(271) or "").strip(), str(exif.get(272) or "").strip(), str(sub.get(42033) or "").strip()]
-    camera = " ".join(p for p in parts if p) or None
-    return when or None, camera, pixels
+    return when or None, " ".join(p for p in parts if p) or None
+
+
+def shot_quality(t: Thumb) -> Thumb:
+    """Fill in `t`'s sharpness and exposure (only similar groups need them)."""
+    if t.sharpness == 0.0 and t.exposure == 0.0:
+        t.sharpness, t.exposure = _quality(t.grey)
+    return t
 
 
 def _quality(g: np.ndarray) -> tuple[float, float]:
@@ -119,6 +152,7 @@ def _quality(g: np.ndarray) -> tuple[float, float]:
 
 def shot_score(t: Thumb) -> float:
     """Best shot first (higher is better): sharp, well exposed, then larger."""
+    shot_quality(t)
     return math.log1p(t.sharpness) - 4.0 * t.exposure + 0.05 * math.log1p(t.pixels)
 
 
@@ -136,11 +170,21 @@ def compare(a: Thumb, b: Thumb, init: np.ndarray | None = None, rotations: bool 
     homography from local features); `rotations`: also try b turned by 90/180/270 degrees."""
     other = exif_verdict(a, b)
     ev = _pixels(a.grey, b.grey, init, rotations)
+    if ev.tier == "copy" and not _clear(ev):  # near a limit: a copy is one both ways (the fits are not symmetric)
+        back = _pixels(b.grey, a.grey, None if init is None else np.linalg.inv(init), rotations)
+        if back.tier != "copy":
+            ev = back
     if other and ev.tier == "copy":
         return Evidence("similar", other, ev.cells, ev.weak, ev.moved, ev.shift_p90, ev.ncc, ev.rotation)
     if other:
         ev.why = f"{other}; {ev.why}"
     return ev
+
+
+def _clear(ev: Evidence) -> bool:
+    """Evidence far inside every copy limit (half of each): no need to look the other way."""
+    return (ev.weak <= MAX_WEAK / 2 and ev.moved <= MAX_MOVED / 2 and ev.shift_p90 <= MAX_SHIFT_P90 / 2
+            and ev.metrics.get("bend", 0.0) <= MAX_BEND / 2)  # fmt: skip
 
 
 def _pixels(a: np.ndarray, b: np.ndarray, init: np.ndarray | None, rotations: bool) -> Evidence:
@@ -166,7 +210,7 @@ def _pixels(a: np.ndarray, b: np.ndarray, init: np.ndarray | None, rotations: bo
             starts = [None]
         for m in starts:
             if m is None:
-                ev = _judge(a, bb, np.eye(2, 3, dtype=np.float32))
+                ev = _judge(a, bb, None)
                 if ev.tier == "copy":
                     ev.rotation = r
                     return ev
@@ -205,70 +249,89 @@ def _ecc(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> np.ndarray | None:
     return m
 
 
-def _judge(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> Evidence:
-    """Warp b onto a with `m` (a -> b pixels) and compare them cell by cell."""
+def _judge(a: np.ndarray, b: np.ndarray, m: np.ndarray | None) -> Evidence:
+    """Warp b onto a with `m` (a -> b pixels; None: the identity) and compare them cell by cell."""
     import cv2
 
+    if m is None:
+        return _cells(a, b, None)
     h, w = a.shape
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpAffine(b, m, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
     mask = cv2.warpAffine(np.ones(b.shape, np.uint8), m, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
-    mask = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+    mask = cv2.erode(mask, np.ones((3, 3), np.uint8))
     return _cells(a, warped, mask)
 
 
-def _blocks(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
-    return x[: GRID * ch, : GRID * cw].reshape(GRID, ch, GRID, cw).swapaxes(1, 2).reshape(GRID * GRID, ch * cw)
+def _cells(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> Evidence:
+    """Per grid cell: agreement (NCC over usable pixels) and the residual shift (one Lucas-Kanade step), all from
+    per-cell means of pixel products (box filters), so the cost does not depend on the grid."""
+    import cv2
 
-
-def _cells(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> Evidence:
-    """Per grid cell: agreement (NCC over usable pixels) and the residual shift (one Lucas-Kanade step)."""
     h, w = a.shape
     ch, cw = h // GRID, w // GRID
     if ch < 4 or cw < 4:
         return Evidence("none", "too small to compare")
-    gy, gx = np.gradient(a)
-    usable = mask & (a > CLIPPED[0]) & (a < CLIPPED[1]) & (b > CLIPPED[0]) & (b < CLIPPED[1])
-    A, B, U, M = (_blocks(x, ch, cw) for x in (a, b, usable.astype(np.float32), mask.astype(np.float32)))
-    GX, GY = _blocks(gx, ch, cw), _blocks(gy, ch, cw)
-    n = U.sum(1)
-    live = (M.mean(1) >= 0.9) & (n >= 0.7 * ch * cw)
+    a, b = a[: GRID * ch, : GRID * cw], b[: GRID * ch, : GRID * cw]
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return cv2.resize(x, (GRID, GRID), interpolation=cv2.INTER_AREA).ravel().astype(np.float64)
+
+    u = ((a > CLIPPED[0]) & (a < CLIPPED[1]) & (b > CLIPPED[0]) & (b < CLIPPED[1])).astype(np.float32)
+    if mask is not None:
+        m = (mask[: GRID * ch, : GRID * cw] > 0).astype(np.float32)
+        u *= m
+        covered = box(m)
+    else:
+        covered = np.ones(GRID * GRID)
+    n = box(u)
+    live = (covered >= 0.9) & (n >= 0.7)
     if live.sum() < MIN_CELLS:
-        covered = float(mask.mean())
-        return Evidence("none", f"too little overlap to compare ({covered:.0%} covered)", int(live.sum()))
-    n = np.maximum(n, 1)
-    ma, mb = (A * U).sum(1) / n, (B * U).sum(1) / n
-    da, db = (A - ma[:, None]) * U, (B - mb[:, None]) * U
-    sa, sb = np.sqrt((da * da).sum(1) / n), np.sqrt((db * db).sum(1) / n)
-    ncc = (da * db).sum(1) / n / np.maximum(sa * sb, 1e-6)
+        return Evidence("none", f"too little overlap to compare ({covered.mean():.0%} covered)", int(live.sum()))
+    n = np.maximum(n, 1e-6)
+    au, bu = a * u, b * u
+    ma, mb = box(au) / n, box(bu) / n
+    va = np.maximum(box(au * a) / n - ma * ma, 0.0)
+    vb = np.maximum(box(bu * b) / n - mb * mb, 0.0)
+    cov = box(au * b) / n - ma * mb
+    sa, sb = np.sqrt(va), np.sqrt(vb)
+    ncc = cov / np.maximum(sa * sb, 1e-6)
     flat_a, flat_b = sa < FLAT_STD, sb < FLAT_STD
     both_flat = flat_a & flat_b
     contradict = (flat_a & (sb >= STRONG_STD)) | (flat_b & (sa >= STRONG_STD))
     faint = (flat_a ^ flat_b) & ~contradict  # flat against faint texture: smoothing or clipping edits look like this
     counted = live & ~faint
-    textured = counted & ~flat_a & ~flat_b
-    agree = both_flat | (textured & (ncc >= CELL_NCC))
-    # residual shift of b against a per agreeing textured cell, gain and offset removed: a Lucas-Kanade step
-    bn = db * (sa / np.maximum(sb, 1e-6))[:, None]
-    it = (bn - da) * U
-    gxx, gyy, gxy = (GX * GX * U).sum(1), (GY * GY * U).sum(1), (GX * GY * U).sum(1)
-    bx, by = (GX * it).sum(1), (GY * it).sum(1)
-    det = gxx * gyy - gxy * gxy
-    ok = textured & (ncc >= CELL_NCC) & (det > 1e-3 * np.maximum(gxx + gyy, 1e-6) ** 2)
-    det = np.where(ok, det, 1.0)
-    dx, dy = (gyy * bx - gxy * by) / det, (gxx * by - gxy * bx) / det
-    shift = _affine_residual(dx[ok], dy[ok], np.flatnonzero(ok), ch, cw)
-    bend = _bend(dx[ok], dy[ok], np.flatnonzero(ok), ch, cw)
     cells = int(counted.sum())
     if cells < MIN_CELLS:
         return Evidence("none", "too few comparable cells", cells)
+    textured = counted & ~flat_a & ~flat_b
+    agree = both_flat | (textured & (ncc >= CELL_NCC))
+    # residual shift of b against a per agreeing textured cell, gain and offset removed: a Lucas-Kanade step
+    # it = (b - mb) * k - (a - ma) with k = sa / sb; sums of gradient x it come from box means of products
+    gx = cv2.Sobel(a, cv2.CV_32F, 1, 0, ksize=1, scale=0.5) * u
+    gy = cv2.Sobel(a, cv2.CV_32F, 0, 1, ksize=1, scale=0.5) * u
+    k = sa / np.maximum(sb, 1e-6)
+    mgx, mgy = box(gx), box(gy)
+    bx = k * (box(gx * b) - mb * mgx) - (box(gx * a) - ma * mgx)
+    by = k * (box(gy * b) - mb * mgy) - (box(gy * a) - ma * mgy)
+    gxx, gyy, gxy = box(gx * gx), box(gy * gy), box(gx * gy)  # u is 0/1: u * u = u
+    det = gxx * gyy - gxy * gxy
+    ok = textured & (ncc >= CELL_NCC) & (det > 1e-3 * np.maximum(gxx + gyy, 1e-6) ** 2)
+    det = np.where(ok, det, 1.0)
+    dx, dy = -(gyy * bx - gxy * by) / det, -(gxx * by - gxy * bx) / det
+    at = np.flatnonzero(ok)
+    shift = _affine_residual(dx[ok], dy[ok], at, ch, cw)
+    bend = _bend(dx[ok], dy[ok], at, ch, cw)
     weak = float((counted & ~agree).sum() / cells)
     moved = float((shift >= MOVED_PX).sum() / cells)
     p90 = float(np.percentile(shift, 90)) if len(shift) else 0.0
-    u = usable.ravel()
-    overall = float(np.corrcoef(a.ravel()[u], b.ravel()[u])[0, 1]) if u.sum() > 16 else -1.0
-    if not np.isfinite(overall):
-        overall = 1.0 if weak == 0 else -1.0
+    nu = n * live
+    tot = nu.sum()
+    ga, gb = (ma * nu).sum() / tot, (mb * nu).sum() / tot
+    saa = ((va + ma * ma) * nu).sum() / tot - ga * ga
+    sbb = ((vb + mb * mb) * nu).sum() / tot - gb * gb
+    sab = ((cov + ma * mb) * nu).sum() / tot - ga * gb
+    overall = float(sab / math.sqrt(max(saa * sbb, 1e-9))) if saa > 1 and sbb > 1 else (1.0 if weak == 0 else -1.0)
     is_copy = bend <= MAX_BEND and (
         (weak <= MAX_WEAK and moved <= MAX_MOVED and p90 <= MAX_SHIFT_P90)
         or (weak <= MAX_WEAK_IN_PLACE and moved <= 0.05 and p90 <= TIGHT_SHIFT_P90)
