@@ -193,7 +193,7 @@ def score(groups: list[dict], folder: Path, man: dict) -> dict:
             "bursts_similar": float(np.mean([called_similar(p) for p in bursts])) if bursts else 0.0,
             "bursts_called_copies": float(np.mean([called_copy(p) for p in bursts])) if bursts else 0.0,
             "copy_recall_per_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(per_kind.items())},
-            "copies_missed": missed[:20], "others_called_copies_pairs": wrong[:20]}  # fmt: skip
+            "copies_missed": missed[:200], "others_called_copies_pairs": wrong[:20]}  # fmt: skip
 
 
 BEFORE_CHILD = """

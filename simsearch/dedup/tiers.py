@@ -31,6 +31,7 @@ MAX_WEAK = 0.06  # copies: at most this share of cells disagree (a caption, a lo
 MAX_WEAK_IN_PLACE = 0.10  # up to this many when everything else sits exactly in place (an overlay, not motion)
 TIGHT_SHIFT_P90 = 0.35
 MAX_BEND = 0.55  # copies: quadratic bend of the shift field at the corners (px at SIDE); perspective bends it
+MIN_GRADIENT = 1.5  # grey levels per pixel (RMS, weakest direction) a cell needs for its shift to be measured
 MOVED_PX = 0.75  # a cell whose residual shift is this large (pixels at SIDE) has moved: parallax, motion
 MAX_MOVED = 0.15  # copies: at most this share of cells moved
 MAX_SHIFT_P90 = 0.8  # copies: 90th percentile of the residual shifts
@@ -316,7 +317,10 @@ def _cells(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> Evidence:
     by = k * (box(gy * b) - mb * mgy) - (box(gy * a) - ma * mgy)
     gxx, gyy, gxy = box(gx * gx), box(gy * gy), box(gx * gy)  # u is 0/1: u * u = u
     det = gxx * gyy - gxy * gxy
-    ok = textured & (ncc >= CELL_NCC) & (det > 1e-3 * np.maximum(gxx + gyy, 1e-6) ** 2)
+    # shifts only where nothing is clipped: a brightness edit's clipping edges pull the gradients
+    # and only where the gradients pin the position down in both directions (the tensor's smaller eigenvalue)
+    low = (gxx + gyy) / 2 - np.sqrt(((gxx - gyy) / 2) ** 2 + gxy**2)
+    ok = textured & (ncc >= CELL_NCC) & (n >= 0.98) & (low >= MIN_GRADIENT**2 * n)
     det = np.where(ok, det, 1.0)
     dx, dy = -(gyy * bx - gxy * by) / det, -(gxx * by - gxy * bx) / det
     at = np.flatnonzero(ok)
@@ -368,12 +372,13 @@ def _affine_residual(dx: np.ndarray, dy: np.ndarray, at: np.ndarray, ch: int, cw
 
 def _bend(dx: np.ndarray, dy: np.ndarray, at: np.ndarray, ch: int, cw: int) -> float:
     """Largest displacement (pixels) that quadratic terms add to the best affine fit of the shift field over the
-    grid: perspective (another viewpoint of a plane) bends it, a copy's field is flat noise."""
+    measured cells: perspective (another viewpoint of a plane) bends it, a copy's field is flat noise."""
     if len(at) < 12:
         return 0.0
     u, v = (at % GRID + 0.5) / GRID - 0.5, (at // GRID + 0.5) / GRID - 0.5
     design = np.stack([u, v, np.ones_like(u), u * u, u * v, v * v], 1)
     coef, *_ = np.linalg.lstsq(design, np.stack([dx, dy], 1), rcond=None)
-    corners = np.array([[x * x, x * y, y * y] for x in (-0.5, 0.5) for y in (-0.5, 0.5)])
-    quad = corners @ coef[3:] - (corners @ coef[3:]).mean(0)
+    # evaluated at the measured cells, not extrapolated to the corners: few cells near the centre prove little
+    quad = design[:, 3:] @ coef[3:]
+    quad -= quad.mean(0)
     return float(np.hypot(quad[:, 0], quad[:, 1]).max())
