@@ -44,7 +44,7 @@ TIERS = ("copy", "similar", "none")
 class Thumb:
     """What the tier decision needs of one file: a small grey image, capture facts from EXIF, shot quality."""
 
-    grey: np.ndarray  # float32, longer side SIDE
+    grey: np.ndarray | None  # float16 (half the memory of float32), longer side SIDE; None once released
     captured: str | None = None  # DateTimeOriginal + SubSecTimeOriginal
     camera: str | None = None  # Make Model (BodySerialNumber)
     sharpness: float = 0.0  # variance of the Laplacian of the grey thumbnail
@@ -92,7 +92,7 @@ def load_thumb(path: str) -> Thumb:
     grey = np.asarray(g, np.float32)
     sharp = _quality(grey)
     # a light blur: resampling and re-encoding alias fine texture differently in each copy; the alignment is kept
-    grey = cv2.GaussianBlur(grey, (0, 0), BLUR)
+    grey = cv2.GaussianBlur(grey, (0, 0), BLUR).astype(np.float16)
     return Thumb(grey, captured, camera, *sharp, pixels=pixels or w * h)
 
 
@@ -138,8 +138,8 @@ def _exif_tags(im: Any) -> tuple[str | None, str | None]:
 
 def shot_quality(t: Thumb) -> Thumb:
     """Fill in `t`'s sharpness and exposure (only similar groups need them)."""
-    if t.sharpness == 0.0 and t.exposure == 0.0:
-        t.sharpness, t.exposure = _quality(t.grey)
+    if t.sharpness == 0.0 and t.exposure == 0.0 and t.grey is not None:
+        t.sharpness, t.exposure = _quality(t.grey.astype(np.float32))
     return t
 
 
@@ -170,9 +170,10 @@ def compare(a: Thumb, b: Thumb, init: np.ndarray | None = None, rotations: bool 
     """The tier of a pair from its pixels and EXIF. `init`: a 3x3 map from b's thumbnail pixels to a's (e.g. a
     homography from local features); `rotations`: also try b turned by 90/180/270 degrees."""
     other = exif_verdict(a, b)
-    ev = _pixels(a.grey, b.grey, init, rotations)
+    ga, gb = a.grey.astype(np.float32), b.grey.astype(np.float32)
+    ev = _pixels(ga, gb, init, rotations)
     if ev.tier == "copy" and not _clear(ev):  # near a limit: a copy is one both ways (the fits are not symmetric)
-        back = _pixels(b.grey, a.grey, None if init is None else np.linalg.inv(init), rotations)
+        back = _pixels(gb, ga, None if init is None else np.linalg.inv(init), rotations)
         if back.tier != "copy":
             ev = back
     if other and ev.tier == "copy":

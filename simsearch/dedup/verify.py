@@ -184,6 +184,10 @@ def tier_pairs(
 
     source = None
     order = np.argsort(-s, kind="stable")
+    last = np.full(len(rows), -1, np.int64)  # each file's last pair in `order`: its pixels can go after that
+    np.maximum.at(last, i[order], np.arange(n))
+    np.maximum.at(last, j[order], np.arange(n))
+    release: dict[int, list[int]] = {}  # chunk -> files whose last pair is in it
     try:
         with ThreadPoolExecutor(max(1, threads)) as pool:  # OpenCV, numpy and Pillow release the GIL
             for a in range(0, n, _CHUNK):
@@ -194,6 +198,8 @@ def tier_pairs(
                     chunk = chunk[~known]
                 need = sorted({int(x) for k in chunk for x in (i[k], j[k])} - thumbs.keys())
                 list(pool.map(thumb, need))
+                for x in need:
+                    release.setdefault(int(last[x]) // _CHUNK, []).append(x)
                 unsure = []
                 for k, ev in pool.map(judge, chunk.tolist()):
                     x, y = int(i[k]), int(j[k])
@@ -225,6 +231,9 @@ def tier_pairs(
                             linked.union(int(i[k]), int(j[k]))
                         if tier[k] == COPY and copies is not None:
                             copies.union(int(i[k]), int(j[k]))
+                for x in release.pop(a // _CHUNK, []):
+                    if thumbs.get(x) is not None:
+                        thumbs[x].grey = None  # done with its pairs: keep only the facts (memory stays bounded)
                 if progress:
                     progress(min(n, a + _CHUNK), n)
     finally:
