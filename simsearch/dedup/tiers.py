@@ -89,8 +89,8 @@ def load_thumb(path: str) -> Thumb:
     s = SIDE / max(w, h)
     if s < 1:
         g = g.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
+    sharp = _quality(np.asarray(g, np.uint8))
     grey = np.asarray(g, np.float32)
-    sharp = _quality(grey)
     # a light blur: resampling and re-encoding alias fine texture differently in each copy; the alignment is kept
     grey = cv2.GaussianBlur(grey, (0, 0), BLUR).astype(np.float16)
     return Thumb(grey, captured, camera, *sharp, pixels=pixels or w * h)
@@ -139,16 +139,17 @@ def _exif_tags(im: Any) -> tuple[str | None, str | None]:
 def shot_quality(t: Thumb) -> Thumb:
     """Fill in `t`'s sharpness and exposure (only similar groups need them)."""
     if t.sharpness == 0.0 and t.exposure == 0.0 and t.grey is not None:
-        t.sharpness, t.exposure = _quality(t.grey.astype(np.float32))
+        t.sharpness, t.exposure = _quality(np.clip(t.grey, 0, 255).astype(np.uint8))
     return t
 
 
 def _quality(g: np.ndarray) -> tuple[float, float]:
-    """Sharpness (variance of the Laplacian) and the share of clipped pixels of a grey thumbnail."""
+    """Sharpness (variance of the Laplacian) and the share of clipped pixels of a uint8 grey thumbnail."""
     import cv2
 
-    lap = cv2.Laplacian(g, cv2.CV_32F)
-    return float(lap.var()), float(((g <= CLIPPED[0]) | (g >= CLIPPED[1])).mean())
+    _, std = cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_16S))
+    kept = cv2.countNonZero(cv2.inRange(g, int(CLIPPED[0]) + 1, int(CLIPPED[1]) - 1))
+    return float(std[0, 0]) ** 2, 1.0 - kept / g.size
 
 
 def shot_score(t: Thumb) -> float:
