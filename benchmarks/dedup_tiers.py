@@ -10,9 +10,10 @@ that moves, an exposure change of up to 12%; no EXIF); views/triple and views/st
 covers (a scan and four phone photos of each of 50 covers; the phone photos get EXIF: the phone as camera and their
 own capture time, as a phone writes them). Positives: copy pairs (a photo and its copies, and two copies of one
 photo); other-shot pairs: the shots of one burst, scene or cover. Rows, each a `find_duplicates` run on one index:
-- cosine only, every related pair a copy (what dedup did before: `--before SRC` runs that code, e.g. a `git
-  archive` of the last commit before the tiers, in a child process);
-- pixels + EXIF: every pair from the default threshold up placed by aligned thumbnails, cosine relates the rest;
+- before: every related pair a copy (what dedup did before: `--before SRC` runs that code, e.g. a `git archive`
+  of the last commit before the tiers, in a child process);
+- EXIF only / pixels only / pixels + EXIF (ablations): cosine from the default threshold relates pairs, the named
+  evidence alone picks the tier (EXIF only: a copy unless capture times or cameras differ);
 - pixels + EXIF + local features (the default): pairs the pixels cannot place are matched by SIFT.
 Per row: copy recall, other-shot pairs called copies, other-shot pairs reported similar (in one similar group, or
 their copies' kept files are), bursts reported similar, pairs compared, cost per compared pair and dedup's wall time.
@@ -181,6 +182,10 @@ def score(groups: list[dict], folder: Path, man: dict) -> dict:
         return a != b and a in scene and scene.get(b) == scene[a]
 
     rec = [called_copy(p) for p in copies]
+    by_source: dict[str, list[tuple[bool, bool]]] = {}
+    for p in others:
+        source = man[next(iter(p))][0].split(":")[0]
+        by_source.setdefault(source, []).append((called_copy(p), called_similar(p)))
     per_kind: dict[str, list[bool]] = {}  # original <-> copy pairs by kind ("copy-copy": two copies)
     for p, hit in zip(copies, rec, strict=True):
         kind = "+".join(sorted(k for k in {man[x][1] for x in p} if k != "orig")) or "orig"
@@ -193,7 +198,10 @@ def score(groups: list[dict], folder: Path, man: dict) -> dict:
             "bursts_similar": float(np.mean([called_similar(p) for p in bursts])) if bursts else 0.0,
             "bursts_called_copies": float(np.mean([called_copy(p) for p in bursts])) if bursts else 0.0,
             "copy_recall_per_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(per_kind.items())},
-            "copies_missed": missed[:200], "others_called_copies_pairs": wrong[:20]}  # fmt: skip
+            "copies_missed": missed[:200], "others_called_copies_pairs": wrong[:20],
+            "others_by_source": {k: {"pairs": len(v), "called_copies": round(float(np.mean([c for c, _ in v])), 4),
+                                     "similar": round(float(np.mean([x for _, x in v])), 4)}
+                                 for k, v in sorted(by_source.items())}}  # fmt: skip
 
 
 BEFORE_CHILD = """
@@ -237,12 +245,26 @@ def main() -> int:
         rows.append({"evidence": "before: cosine + SIFT check, all copies", "seconds": res["seconds"],
                      "pairs": (res["report"].get("verified") or {}).get("checked", 0),
                      **score(res["report"]["groups"], folder, man)})  # fmt: skip
+    from simsearch.dedup import tiers as tiers_mod
+
+    real_pixels, real_exif = tiers_mod._pixels, tiers_mod.exif_verdict
+
+    def exif_only(*_a: object) -> tiers_mod.Evidence:  # ablation: the pixels always say "copy"
+        return tiers_mod.Evidence("copy", "not looked at", 64, 0.0, 0.0, 0.0, 1.0)
+
     with IndexStore.open(idx_dir) as store:
         t0 = auto_threshold(store)
-        for name, kw in (("pixels + EXIF (cosine relates the rest)", {"threshold": t0, "verify": False}),
-                         ("pixels + EXIF + local features (default)", {})):  # fmt: skip
+        runs = (("EXIF only (cosine relates)", {"threshold": t0, "verify": False}, exif_only, real_exif),
+                ("pixels only (cosine relates)", {"threshold": t0, "verify": False}, real_pixels, lambda a, b: None),
+                ("pixels + EXIF (cosine relates)", {"threshold": t0, "verify": False}, real_pixels, real_exif),
+                ("pixels + EXIF + local features (default)", {}, real_pixels, real_exif))  # fmt: skip
+        for name, kw, pixels, exif in runs:
+            tiers_mod._pixels, tiers_mod.exif_verdict = pixels, exif
             t = time.perf_counter()
-            rep = find_duplicates(store, **kw)
+            try:
+                rep = find_duplicates(store, **kw)
+            finally:
+                tiers_mod._pixels, tiers_mod.exif_verdict = real_pixels, real_exif
             sec = time.perf_counter() - t
             tiers = rep.tiers or {}
             compared = tiers.get("pairs", 0) - tiers.get("implied", 0)
@@ -261,6 +283,7 @@ def main() -> int:
     print(f"positives: {r0['copy_pairs']} copy pairs, {r0['other_pairs']} other-shot pairs")
     for r in rows:
         print(f"{r['evidence']}: copy recall per kind {r['copy_recall_per_kind']}")
+        print(f"    other shots by source (pairs, called copies, reported similar): {r['others_by_source']}")
     print(json.dumps({"folder": str(folder), "rows": rows}))
     return 0
 

@@ -140,6 +140,9 @@ class PairTiers:
     thumbs: dict[int, Any]  # position -> tiers.Thumb of every file looked at (for the best-shot rule)
 
 
+PARALLEL_MIN_PAIRS = 400  # fewer pairs are decided in-process: starting worker processes costs about 0.5 s
+
+
 def tier_pairs(
     index_dir: Path,
     rows: Sequence[Any],
@@ -157,7 +160,111 @@ def tier_pairs(
 
     `connected`: a pair whose files are already joined by copies is a copy without a check. `local`: pairs the
     pixels do not place are matched by local features (else they are other shots by cosine); pairs at or above
-    `sure_above` never need them (related for sure: the pixels only say which tier). Each file is decoded once."""
+    `sure_above` never need them (related for sure: the pixels only say which tier). Each file is decoded once.
+
+    With `threads` > 1 and many pairs, the connected components of the pair graph (which share no file) are split
+    over that many worker processes: the per-pair work is many small numpy steps that hold the GIL, so threads
+    would not use the second core."""
+    args = (index_dir, rows, i, j, s, connected, local, sure_above, rotations)
+    if threads > 1 and len(i) >= PARALLEL_MIN_PAIRS:
+        try:
+            return _tier_pairs_split(args, threads, progress)
+        except (OSError, RuntimeError, EOFError, ValueError) as err:  # no workers here: in-process instead
+            import logging
+
+            logging.getLogger(__name__).debug("tier_pairs in-process: %s", err)
+    return _tier_pairs_here(*args, progress=progress, threads=threads)
+
+
+def _tier_pairs_split(args: tuple, workers: int, progress: Callable[[int, int], None] | None) -> PairTiers:
+    """`_tier_pairs_here` on bins of whole components, one child Python per bin. Children are plain
+    `python -c` processes fed a pickle on stdin (not multiprocessing: no fork of a threaded process, and the
+    caller's main module is never re-imported)."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from .graph import connected_groups
+
+    index_dir, rows, i, j, s, *rest = args
+    n = len(i)
+    label = np.arange(len(rows))
+    for g in connected_groups(len(rows), i, j):
+        label[g] = g[0]
+    comp = label[i]
+    ids, counts = np.unique(comp, return_counts=True)
+    load = np.zeros(workers)
+    bin_of = np.zeros(len(rows), np.int64)
+    for c, m in sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda x: -x[1]):
+        b = int(load.argmin())
+        bin_of[c], load[b] = b, load[b] + m
+    pair_bin = bin_of[comp]
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    code = "from simsearch.dedup.verify import _tier_worker_stdio as w; w()"
+    jobs = []
+    try:
+        for b in range(workers):
+            sel = np.flatnonzero(pair_bin == b)
+            if not len(sel):
+                continue
+            proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    env=env)  # fmt: skip
+            jobs.append((sel, proc))
+            assert proc.stdin is not None
+            proc.stdin.write(pickle.dumps((index_dir, rows, i[sel], j[sel], s[sel], *rest), protocol=5))
+            proc.stdin.close()
+        out = PairTiers(np.zeros(n, np.int8), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), {})
+        done = 0
+        for sel, proc in jobs:
+            assert proc.stdout is not None
+            data = proc.stdout.read()
+            if proc.wait() != 0 or not data:
+                raise RuntimeError(f"a tier worker failed (exit {proc.returncode})")
+            part: PairTiers = pickle.loads(data)
+            out.tier[sel], out.implied[sel], out.no_verdict[sel], out.local[sel] = (
+                part.tier, part.implied, part.no_verdict, part.local)  # fmt: skip
+            out.thumbs.update(part.thumbs)
+            done += len(sel)
+            if progress:
+                progress(done, n)
+        return out
+    finally:
+        for _, proc in jobs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _tier_worker_stdio() -> None:
+    """Child side of `_tier_pairs_split`: arguments pickled on stdin, the PairTiers pickled to stdout."""
+    import pickle
+    import sys
+
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already
+    args = pickle.loads(sys.stdin.buffer.read())
+    result = _tier_pairs_here(*args, threads=1)
+    sys.stdout.buffer.write(pickle.dumps(result, protocol=5))
+    sys.stdout.flush()
+
+
+def _tier_pairs_here(
+    index_dir: Path,
+    rows: Sequence[Any],
+    i: np.ndarray,
+    j: np.ndarray,
+    s: np.ndarray,
+    connected: bool = True,
+    local: bool = True,
+    sure_above: float | None = None,
+    rotations: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    threads: int = 2,
+) -> PairTiers:
+    """`tier_pairs` in this process (threads for decoding and OpenCV, which release the GIL)."""
     from .tiers import compare, load_thumb
 
     n = len(i)
@@ -201,7 +308,17 @@ def tier_pairs(
                 for x in need:
                     release.setdefault(int(last[x]) // _CHUNK, []).append(x)
                 unsure = []
-                for k, ev in pool.map(judge, chunk.tolist()):
+
+                def sequential(ks: list[int]) -> Any:
+                    """One thread: look at each pair only once the pairs before it are joined (fewer looks)."""
+                    for k in ks:
+                        if copies is not None and copies.connected(int(i[k]), int(j[k])):
+                            tier[k], implied[k] = COPY, True
+                            continue
+                        yield judge(k)
+
+                looks = pool.map(judge, chunk.tolist()) if threads > 1 else sequential(chunk.tolist())
+                for k, ev in looks:
                     x, y = int(i[k]), int(j[k])
                     if ev is None:
                         no_verdict[k] = True
