@@ -210,7 +210,7 @@ def find_duplicates(
             stage(f"copies or other shots: up to {len(i)} pairs")
             t = tier_pairs(store.path, reps, i, j, s, connected=group == "connected", local=bool(verify),
                            sure_above=accept_above, rotations=rotations is not None,
-                           progress=verify_progress)  # fmt: skip
+                           progress=verify_progress, threads=min(8, os.cpu_count() or 1))  # fmt: skip
             tier, thumbs = t.tier.copy(), t.thumbs
             # no verdict (unreadable, or too little texture to tell): judged by cosine, as without verification
             rescue = t.no_verdict & (s >= (DEFAULT_THRESHOLD if verify else threshold))
