@@ -14,7 +14,8 @@ photo); other-shot pairs: the shots of one burst, scene or cover. Rows, each a `
   of the last commit before the tiers, in a child process);
 - EXIF only / pixels only / pixels + EXIF (ablations): cosine from the default threshold relates pairs, the named
   evidence alone picks the tier (EXIF only: a copy unless capture times or cameras differ);
-- pixels + EXIF + local features (the default): pairs the pixels cannot place are matched by SIFT.
+- pixels + EXIF + local features (the default): pairs the pixels cannot place are matched by SIFT; once in this
+  process (comparable with the ablations, which patch it), once as dedup runs it (one worker process per core).
 Per row: copy recall, other-shot pairs called copies, other-shot pairs reported similar (in one similar group, or
 their copies' kept files are), bursts reported similar, pairs compared, cost per compared pair and dedup's wall time.
 """
@@ -246,6 +247,7 @@ def main() -> int:
                      "pairs": (res["report"].get("verified") or {}).get("checked", 0),
                      **score(res["report"]["groups"], folder, man)})  # fmt: skip
     from simsearch.dedup import tiers as tiers_mod
+    from simsearch.dedup import verify as verify_mod
 
     real_pixels, real_exif = tiers_mod._pixels, tiers_mod.exif_verdict
 
@@ -254,17 +256,25 @@ def main() -> int:
 
     with IndexStore.open(idx_dir) as store:
         t0 = auto_threshold(store)
-        runs = (("EXIF only (cosine relates)", {"threshold": t0, "verify": False}, exif_only, real_exif),
-                ("pixels only (cosine relates)", {"threshold": t0, "verify": False}, real_pixels, lambda a, b: None),
-                ("pixels + EXIF (cosine relates)", {"threshold": t0, "verify": False}, real_pixels, real_exif),
-                ("pixels + EXIF + local features (default)", {}, real_pixels, real_exif))  # fmt: skip
-        for name, kw, pixels, exif in runs:
+        one = 10**9  # PARALLEL_MIN_PAIRS that keeps the work in this process (the ablations patch this process)
+        runs = (("EXIF only (cosine relates), 1 process", {"threshold": t0, "verify": False}, exif_only, real_exif,
+                 one),
+                ("pixels only (cosine relates), 1 process", {"threshold": t0, "verify": False}, real_pixels,
+                 lambda a, b: None, one),
+                ("pixels + EXIF (cosine relates), 1 process", {"threshold": t0, "verify": False}, real_pixels,
+                 real_exif, one),
+                ("pixels + EXIF + local features, 1 process", {}, real_pixels, real_exif, one),
+                ("pixels + EXIF + local features (default)", {}, real_pixels, real_exif,
+                 verify_mod.PARALLEL_MIN_PAIRS))  # fmt: skip
+        for name, kw, pixels, exif, split_from in runs:
             tiers_mod._pixels, tiers_mod.exif_verdict = pixels, exif
+            saved, verify_mod.PARALLEL_MIN_PAIRS = verify_mod.PARALLEL_MIN_PAIRS, split_from
             t = time.perf_counter()
             try:
                 rep = find_duplicates(store, **kw)
             finally:
                 tiers_mod._pixels, tiers_mod.exif_verdict = real_pixels, real_exif
+                verify_mod.PARALLEL_MIN_PAIRS = saved
             sec = time.perf_counter() - t
             tiers = rep.tiers or {}
             compared = tiers.get("pairs", 0) - tiers.get("implied", 0)

@@ -317,7 +317,7 @@ def _tier_pairs_here(
                             continue
                         yield judge(k)
 
-                looks = pool.map(judge, chunk.tolist()) if threads > 1 else sequential(chunk.tolist())
+                looks = sequential(chunk.tolist())
                 for k, ev in looks:
                     x, y = int(i[k]), int(j[k])
                     if ev is None:
