@@ -420,9 +420,9 @@ def dedup_cmd(
     if report.verified:
         v = report.verified
         above = ""
-        if v["accept_above"]:
+        if v["accept_above"] and v["accepted_unchecked"]:
             above = f"; {v['accepted_unchecked']} at {v['accept_above']} or more kept unchecked"
-        typer.echo(f"verified {v['checked']} pairs geometrically: {v['confirmed']} confirmed, {v['dropped']} dropped "
+        typer.echo(f"verified {v['checked']} pairs: {v['confirmed']} confirmed, {v['dropped']} dropped "
                    f"({v['implied']} implied by confirmed pairs; {v['no_verdict']} without a verdict, judged by "
                    f"cosine{above}).")  # fmt: skip
     if report.tiers:
