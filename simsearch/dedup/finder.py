@@ -212,9 +212,10 @@ def find_duplicates(
                            sure_above=accept_above, rotations=rotations is not None,
                            progress=verify_progress, threads=min(8, os.cpu_count() or 1))  # fmt: skip
             tier, thumbs = t.tier.copy(), t.thumbs
-            # no verdict (unreadable, or too little texture to tell): judged by cosine, as without verification
+            # no verdict (unreadable, or too little texture to tell): related by cosine, as without verification, but
+            # never a copy without evidence (other shots are never removed by default)
             rescue = t.no_verdict & (s >= (DEFAULT_THRESHOLD if verify else threshold))
-            tier[rescue] = COPY
+            tier[rescue] = SIMILAR
             checked = ~t.implied & ~t.no_verdict
             tiers = {"pairs": len(i), "copies": int((tier == COPY).sum()), "similar": int((tier == SIMILAR).sum()),
                      "implied": int(t.implied.sum()), "local_features": int(t.local.sum())}  # fmt: skip
@@ -328,7 +329,7 @@ def _pair_tier(
 ) -> tuple[str | None, str, int | None, dict[str, Any] | None]:
     """(kind or None, why, inliers, evidence) of one pair, by tier_pairs' rules."""
     from .tiers import compare, load_thumb
-    from .verify import COPY, SIMILAR, local_tier, prepare_image
+    from .verify import COPY, SIMILAR, local_features, local_tier
 
     try:
         ta, tb = load_thumb(pa), load_thumb(pb)
@@ -345,7 +346,7 @@ def _pair_tier(
     if not verify or (accept is not None and score >= accept):
         rule = "cosine alone" if not verify else f"score >= {accept}"
         return "similar", head + f"other shots ({rule} relates them; the pixels: {ev.why})", None, facts
-    fa, fb = prepare_image(pa)[0], prepare_image(pb)[0]
+    fa, fb = local_features(pa), local_features(pb)
     t, bad, inliers = local_tier(fa, fb, ta, tb)
     if bad:
         ok = auto and score >= DEFAULT_THRESHOLD
