@@ -213,3 +213,37 @@ def test_shared_multi_shot_photos_are_never_copies(tmp_path: Path) -> None:
     out = dedup(idx, "--verify")
     assert out["duplicates"] == 0, groups_of(out, copies=True)
     assert groups_of(out, copies=False)  # related shots are reported, as other shots
+
+
+def test_server_resolve_needs_include_similar_for_other_shots(tmp_path: Path) -> None:
+    """POST /api/duplicates/resolve refuses a similar group's file unless include_similar is true; the HTML
+    report marks the best shot."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from simsearch.dedup.finder import find_duplicates
+    from simsearch.dedup.report import write_html
+    from simsearch.index.store import IndexStore
+    from simsearch.serve.app import create_app
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shots = make_burst(skimage_photo("astronaut"), skimage_photo("chelsea"), "astronaut", folder, 4)
+    idx = tmp_path / "idx"
+    assert CliRunner().invoke(app, ["index", str(folder), "--index", str(idx)]).exit_code == 0
+    with IndexStore.open(idx) as store:
+        page = write_html(find_duplicates(store), store, tmp_path / "report.html").read_text()
+    assert "BEST SHOT" in page and "other shot" in page and "similar" in page
+    c = TestClient(create_app(idx, warm_up=False), base_url="http://127.0.0.1")
+    rep = c.get("/api/duplicates", params={"threshold": 0.85}).json()
+    g = next(g for g in rep["groups"] if g["kind"] == "similar")
+    assert len(g["shots"]) == 3 and rep["similar_files"] == 2 and rep["duplicates"] == 0
+    copies_only = c.get("/api/duplicates", params={"threshold": 0.85, "similar": "false"}).json()["groups"]
+    assert not any(x["kind"] == "similar" for x in copies_only)
+    body = {"ids": g["ids"], "remove": g["ids"][1:2], "threshold": 0.85}
+    r = c.post("/api/duplicates/resolve", json=body)
+    assert r.status_code == 400 and "include_similar" in r.json()["error"]
+    assert all(p.exists() for p in shots)
+    r = c.post("/api/duplicates/resolve", json={**body, "include_similar": True})
+    assert r.status_code == 200, r.text
+    assert sum(p.exists() for p in shots) == 2
