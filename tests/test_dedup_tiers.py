@@ -247,3 +247,21 @@ def test_server_resolve_needs_include_similar_for_other_shots(tmp_path: Path) ->
     r = c.post("/api/duplicates/resolve", json={**body, "include_similar": True})
     assert r.status_code == 200, r.text
     assert sum(p.exists() for p in shots) == 2
+
+
+def test_worker_processes_give_the_in_process_tiers(library: tuple[Path, Path]) -> None:
+    """Many pairs go to one child Python per core (whole components); the verdicts are the same as in-process."""
+    import simsearch.dedup.verify as verify
+    from simsearch.dedup.finder import auto_threshold
+    from simsearch.dedup.graph import similar_pairs
+    from simsearch.index.store import IndexStore
+
+    _, idx = library
+    with IndexStore.open(idx) as store:
+        rows = store.all_rows()
+        i, j, s = similar_pairs(store.vectors([r.id for r in rows]), auto_threshold(store))
+        here = verify.tier_pairs(store.path, rows, i, j, s, threads=1)
+        split = verify._tier_pairs_split((store.path, rows, i, j, s, True, True, None, False), 2, None)
+    assert len(i) > 10
+    assert np.array_equal(here.tier, split.tier) and np.array_equal(here.implied, split.implied)
+    assert set(here.thumbs) == set(split.thumbs)

@@ -77,7 +77,7 @@ def tier_pairs(
     if threads > 1 and len(i) >= PARALLEL_MIN_PAIRS:
         try:
             return _tier_pairs_split(args, threads, progress)
-        except (OSError, RuntimeError, EOFError, ValueError) as err:  # no workers here: in-process instead
+        except Exception as err:  # no workers here (or one failed): the same work in-process, errors and all
             import logging
 
             logging.getLogger(__name__).debug("tier_pairs in-process: %s", err)
