@@ -18,8 +18,8 @@ Each tool runs in a fresh child process (wall time, peak RSS of the child):
   each component is a duplicate group. Its `fd.similarity()` pairs (nearest_neighbors_k=2, threshold 0.9) are
   scored too, as pairs, for reference.
 - simsearch: `simsearch index FOLDER --index DIR [--index-args]`, then `simsearch dedup DIR --json
-  [--simsearch-args]`; exact and near groups that share a file are merged (a kept file's byte copies belong with its
-  near duplicates).
+  [--simsearch-args]`; exact and near groups (the copies tier) that share a file are merged (a kept file's byte
+  copies belong with its near duplicates); "similar" groups (other shots) are not copies and are reported apart.
 A group of k files counts as its k(k-1)/2 pairs. The table gives pair recall, precision, recall per edit kind
 (original <-> edit pairs; "edit-edit" are pairs of two edits of one photo), time and memory; JSON follows.
 
@@ -462,7 +462,8 @@ def main() -> int:
     index_dir = args.work / f"index-{folder.name}-{tag}"
     report, t = run_simsearch(folder, index_dir, shlex.split(args.index_args), shlex.split(args.simsearch_args),
                               args.reuse_index)  # fmt: skip
-    groups = [g["files"] for g in report["groups"]]
+    groups = [g["files"] for g in report["groups"] if g["kind"] != "similar"]  # copies only: what actions remove
+    similar = [g["files"] for g in report["groups"] if g["kind"] == "similar"]
     name = " ".join(x for x in ["simsearch", args.index_args, args.simsearch_args] if x)
     idx_s = t["index"]["wall_s"] if t["index"] else None
     peaks = [x["peak_rss_mib"] for x in (t["index"], t["dedup"]) if x]
@@ -478,6 +479,14 @@ def main() -> int:
         if x and x.get("reused"):
             print(f"{what} time is from its run at {x.get('at', '?')} (reused result)")
     print_table(rows)
+    if similar:  # other shots (kind "similar"): not copies, never removed by default
+        sim = truth.score_groups(groups + similar)
+        print(f"simsearch similar groups: {len(similar)}; with them the groups would hold {sim['tp']} true and "
+              f"{sim['fp']} false pairs (copies only: {rows[-1]['score']['tp']} true, {rows[-1]['score']['fp']} "
+              f"false); similar pairs are other shots or look-alikes the copy tier kept out")  # fmt: skip
+        extra["similar"] = {"groups": len(similar), "with_similar": sim}
+    if report.get("tiers"):
+        print(f"simsearch tiers: {report['tiers']}")
     fd_rows = [r for r in rows if r["tool"].endswith("components")]
     if fd_rows and idx_s:
         ratio = fd_rows[0]["time"]["total_s"] / rows[-1]["time"]["total_s"]

@@ -373,11 +373,21 @@ def dedup_cmd(
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a static HTML review page.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the groups as CSV.")] = None,
     explain: Annotated[
-        tuple[Path, Path] | None, typer.Option("--explain", help="Score two files and say why they are (not) grouped.")
+        tuple[Path, Path] | None,
+        typer.Option("--explain", help="Score two files and say whether they are copies, other shots, or neither."),
     ] = None,
+    similar: Annotated[
+        bool,
+        typer.Option("--similar/--no-similar", help="Also report other shots of one scene (bursts, re-shoots)."),
+    ] = True,
+    include_similar: Annotated[
+        bool,
+        typer.Option("--include-similar", help="--action also removes other shots, keeping each scene's best shot."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Find groups of exact copies and near duplicates; report them, or move/delete the extra copies (undoable)."""
+    """Find copies (exact and near) and other shots of one scene (similar); report them, or move/delete the extra
+    copies (undoable). Other shots are only touched with --include-similar."""
     from .api import SimIndex
     from .dedup.actions import apply_plan, plan_action
     from .dedup.finder import explain_pair, find_duplicates
@@ -396,9 +406,11 @@ def dedup_cmd(
         with display() as shown:
             report = find_duplicates(idx.store, threshold, group=group, keep=keep, prefer=prefs, near=not exact_only,
                                      rotations=idx.embedder if rotations else None, progress=shown.stage,
-                                     verify=verify, verify_progress=lambda d, n: shown.update(
-                                         "verifying pairs", d, n, unit="pairs"))  # fmt: skip
-        plan = plan_action(report, action, to, idx.store, prefer=prefs, permanent=permanent)
+                                     verify=verify, similar=similar or include_similar,
+                                     verify_progress=lambda d, n: shown.update("comparing pairs", d, n,
+                                                                               unit="pairs"))  # fmt: skip
+        plan = plan_action(report, action, to, idx.store, prefer=prefs, permanent=permanent,
+                           include_similar=include_similar)  # fmt: skip
         if html_out:
             from .dedup.report import write_html
 
@@ -416,22 +428,38 @@ def dedup_cmd(
         _emit(out)
         return
     for g in report.groups:
-        typer.echo(f"{g.kind} group ({len(g.files)} files, min score {g.min_score:.4f}):")
-        for f, sc in zip(g.files, g.scores, strict=True):
-            typer.echo(f"  {'keep' if f == g.keep else '    '}  {sc:.4f}  {f}")
+        if g.kind == "similar":
+            typer.echo(f"similar group: other shots of one scene, not copies ({len(g.files)} files, min score "
+                       f"{g.min_score:.4f}; best shot first):")  # fmt: skip
+        else:
+            typer.echo(f"{g.kind} group ({len(g.files)} files, min score {g.min_score:.4f}):")
+        for k, (f, sc) in enumerate(zip(g.files, g.scores, strict=True)):
+            mark = ("best" if k == 0 else "    ") if g.kind == "similar" else ("keep" if f == g.keep else "    ")
+            shot = g.shots[k] if g.shots and g.shots[k] else None
+            extra = f"  (sharpness {shot['sharpness']:.0f}, clipped {shot['clipped']:.1%})" if shot else ""
+            typer.echo(f"  {mark}  {sc:.4f}  {f}{extra}")
     n_exact = sum(g.kind == "exact" for g in report.groups)
+    n_similar = sum(g.kind == "similar" for g in report.groups)
     if report.verified:
         v = report.verified
         above = ""
-        if v["accept_above"]:
+        if v["accept_above"] and v["accepted_unchecked"]:
             above = f"; {v['accepted_unchecked']} at {v['accept_above']} or more kept unchecked"
-        typer.echo(f"verified {v['checked']} pairs geometrically: {v['confirmed']} confirmed, {v['dropped']} dropped "
+        typer.echo(f"verified {v['checked']} pairs: {v['confirmed']} confirmed, {v['dropped']} dropped "
                    f"({v['implied']} implied by confirmed pairs; {v['no_verdict']} without a verdict, judged by "
                    f"cosine{above}).")  # fmt: skip
+    if report.tiers:
+        t = report.tiers
+        typer.echo(f"tiers of {t['pairs']} candidate pairs: {t['copies']} copies ({t['implied']} implied by other "
+                   f"copies), {t['similar']} other shots of one scene; {t['local_features']} needed local "
+                   f"features.")  # fmt: skip
     typer.echo(
-        f"{len(report.groups)} groups ({n_exact} exact, {len(report.groups) - n_exact} near at threshold "
-        f"{report.threshold}); {report.duplicates} files could be removed."
+        f"{len(report.groups)} groups ({n_exact} exact, {len(report.groups) - n_exact - n_similar} near at threshold "
+        f"{report.threshold}, {n_similar} similar); {report.duplicates} files could be removed."
     )
+    if n_similar:
+        verb = "are included in the action" if include_similar else "are kept unless you add --include-similar"
+        typer.echo(f"{report.similar_files} other shots (similar groups, not copies) {verb}.")
     if action != "report":
         verb = "deleted for good" if permanent else ("moved to the trash" if action == "delete" else f"moved to {to}")
         if undo_file:

@@ -66,7 +66,7 @@ def test_a_rotated_copy_finds_its_original_first_when_queried_upright(subset, tm
 
 def test_default_dedup_drops_a_look_alike_that_cosine_groups(clothing: Path, tmp_path: Path) -> None:
     """Two different photos of garments on the same sheet (cosine 0.93, 26 RANSAC inliers on the sheet) are not
-    copies; an edit of one of them is."""
+    copies; an edit of one of them is. The other photo may be reported as another shot of the scene (similar)."""
     import json
 
     from typer.testing import CliRunner
@@ -86,10 +86,15 @@ def test_default_dedup_drops_a_look_alike_that_cosine_groups(clothing: Path, tmp
     idx = tmp_path / "idx"
     assert CliRunner().invoke(app, ["index", str(folder), "--index", str(idx)]).exit_code == 0
 
-    def groups(*extra: str) -> list[set[str]]:
+    def groups(*extra: str, similar: bool = False) -> list[set[str]]:
         r = CliRunner().invoke(app, ["dedup", "--index", str(idx), "--json", *extra])
         assert r.exit_code == 0, r.output
-        return [{Path(f).name for f in g["files"]} for g in json.loads(r.stdout)["groups"]]
+        return [{Path(f).name for f in g["files"]} for g in json.loads(r.stdout)["groups"]
+                if (g["kind"] == "similar") == similar]  # fmt: skip
 
+    # issue 26: the other photo is at most another shot of the same scene (the sheet), never a copy; cosine alone
+    # (--no-verify) used to put all three in one near group, now the pixels keep b out of the copies there too
     assert groups() == [{a, "a-crop.jpg"}]
-    assert groups("--no-verify") == [{a, b, "a-crop.jpg"}]
+    assert groups(similar=True) in ([], [{a, b}])
+    assert groups("--no-verify") == [{a, "a-crop.jpg"}]
+    assert groups("--no-verify", similar=True) == [{a, b}]

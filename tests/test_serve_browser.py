@@ -170,3 +170,43 @@ def test_page_with_token_on_a_read_only_server(browser, photos: Path, tmp_path: 
         assert all(pg.locator(".apply").nth(i).is_disabled() for i in range(2))
         assert all(f.is_file() for f in folder.rglob("*.jpg"))
         ctx.close()
+
+
+def test_other_shots_are_shown_apart_and_never_ticked(browser, photos: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """Issue 26: a similar group (three shots of one scene) is listed with its best shot, nothing ticked, Apply off
+    until "include other shots in Apply" is on."""
+    from .conftest import skimage_photo
+    from .test_dedup_tiers import make_burst
+
+    folder = build_library(photos, tmp_path / "lib")
+    shots = make_burst(skimage_photo("astronaut"), skimage_photo("coffee"), "astronaut", folder, 1)
+    index = build_index(folder, tmp_path / "idx")
+    with live_server(create_app(index)) as base:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(base + "/")
+        pg.wait_for_selector("body[data-ready='1']")
+        pg.click("#tab-dups")
+        pg.fill("#threshold", "0.85")
+        pg.click("#dups-load")
+        pg.wait_for_selector(".group[data-kind='similar']")
+        group = pg.locator(".group[data-kind='similar']")
+        boxes = group.locator(".trash-box")
+        assert boxes.count() == 3
+        assert not any(boxes.nth(k).is_checked() for k in range(3))
+        assert all(boxes.nth(k).is_disabled() for k in range(3)) and group.locator(".apply").is_disabled()
+        assert "best shot" in group.inner_text() and "sharpness" in group.inner_text()
+        pg.check("#include-similar")
+        pg.wait_for_function("() => !document.querySelector(\".group[data-kind='similar'] .apply\").disabled")
+        group = pg.locator(".group[data-kind='similar']")
+        assert not any(group.locator(".trash-box").nth(k).is_checked() for k in range(3))  # still nothing ticked
+        other = group.locator(".member .trash-box").nth(2)
+        other.check()
+        pg.once("dialog", lambda d: d.accept())
+        group.locator(".apply").click()
+        pg.wait_for_selector(".note.done")
+        assert sum(p.exists() for p in shots) == 2
+        ctx.close()
+        assert errors == []

@@ -126,9 +126,9 @@ def test_rerank_without_stored_features_and_of_an_indexed_query(scene: tuple[Pat
             idx.search(query, rerank=-1)
 
 
-def test_dedup_verify_keeps_a_crop_and_drops_another_photo_of_the_same_background(tmp_path: Path) -> None:
+def test_dedup_verify_keeps_a_crop_and_never_calls_another_photo_of_the_same_background_a_copy(tmp_path: Path) -> None:
     """Two photos of different objects on one background match geometrically on the background; only the crop of
-    the first is a copy."""
+    the first is a copy. The other photo is at most another shot of the scene (issue 26: "similar", never a copy)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     background = cv2.resize(skimage_photo("rocket"), (640, 480))
@@ -142,9 +142,13 @@ def test_dedup_verify_keeps_a_crop_and_drops_another_photo_of_the_same_backgroun
     idx = indexed(folder, tmp_path / "idx")
     loose, _ = dedup_groups(idx, "--threshold", "0.3")
     assert {"first.jpg", "second.jpg", "first-crop.jpg"} <= set().union(*loose)  # cosine alone groups them all
-    verified, out = dedup_groups(idx, "--threshold", "0.3", "--verify")
-    assert verified == [{"first.jpg", "first-crop.jpg"}]
-    assert out["verified"]["confirmed"] == 1 and out["verified"]["dropped"] >= 2
+    _, out = dedup_groups(idx, "--threshold", "0.3", "--verify")
+    copies = [{Path(f).name for f in g["files"]} for g in out["groups"] if g["kind"] != "similar"]
+    assert copies == [{"first.jpg", "first-crop.jpg"}]
+    others = [{Path(f).name for f in g["files"]} for g in out["groups"] if g["kind"] == "similar"]
+    assert others in ([], [{"first.jpg", "second.jpg"}])  # the crop's group is represented by its kept file
+    assert "coffee.jpg" not in set().union(*copies, *others)
+    assert out["verified"]["dropped"] >= 1
 
 
 def test_verify_finds_and_repairs_a_damaged_features_record(photos: Path, tmp_path: Path) -> None:

@@ -74,16 +74,19 @@ def plan_action(
     store: IndexStore,
     prefer: list[str] = (),  # type: ignore[assignment]
     permanent: bool = False,
+    include_similar: bool = False,
 ) -> Plan:
-    """Which files go where. Moves keep the layout relative to the common folder of all indexed files."""
+    """Which files go where. Moves keep the layout relative to the common folder of all indexed files. Only copies
+    go, unless `include_similar`: then the other shots of a similar group go too (its best shot stays)."""
     if action not in ACTIONS:
         raise BadInputError(f"unknown action {action!r}; choose one of {', '.join(ACTIONS)}")
     if action == "report":
         return Plan(action)
     prefer = [os.path.abspath(os.path.expanduser(p)) for p in prefer]
-    losers = [f for g in report.groups for f in g.files[1:] if not is_preferred(f, prefer)]
+    chosen = [g for g in report.groups if g.kind != "similar" or include_similar]
+    losers = list(dict.fromkeys(f for g in chosen for f in g.files[1:] if not is_preferred(f, prefer)))
     plan = plan_files(losers, action, to, store, permanent)
-    plan.kept = sum(len(g.files) for g in report.groups) - len(losers)
+    plan.kept = sum(len(g.files) for g in chosen) - len(losers)
     return plan
 
 

@@ -1,4 +1,8 @@
-"""Duplicate groups from an index: exact copies (same sha256) and near duplicates (cosine >= threshold).
+"""Duplicate groups from an index: exact copies (same sha256), near-duplicate copies, and other shots (similar).
+
+Two tiers: copies ("exact", and "near": the same capture re-encoded, resized, cropped, brightened, captioned...) and
+other shots of the same scene or object ("similar": bursts, the same poster from another phone), told apart by
+`tiers.compare` (aligned thumbnails and EXIF). Actions touch only copies unless asked.
 
 Exact copies collapse to one representative each (the one the keep rules prefer); near-duplicate search then runs
 over the representatives only, with FAISS-sized memory (no N x N matrix) and union-find or star grouping. So every
@@ -7,6 +11,7 @@ file that could go is counted once: `duplicates` = sum over groups of (size - 1)
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +39,16 @@ DEFAULT_KEEP = ("resolution", "size", "oldest", "shortest-path")
 class DupGroup:
     """A group of duplicates; `files[0]` is the one the keep rules keep."""
 
-    kind: str  # "exact" or "near"
+    kind: str  # "exact" or "near" (copies), or "similar" (other shots of one scene; files[0] is the best shot)
     files: list[str]
     min_score: float
     ids: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)  # similarity of each file to files[0]
+    shots: list[dict[str, float]] | None = None  # similar groups: each file's sharpness, exposure, shot score
+
+    @property
+    def is_copy(self) -> bool:
+        return self.kind != "similar"
 
     @property
     def keep(self) -> str:
@@ -51,6 +61,7 @@ class DupGroup:
             "min_score": round(float(self.min_score), 6),
             "keep": self.keep,
             "scores": [round(float(s), 6) for s in self.scores],
+            **({"shots": self.shots} if self.shots is not None else {}),
         }
 
 
@@ -61,19 +72,28 @@ class DedupReport:
     group_mode: str = "connected"
     keep_rules: tuple[str, ...] = DEFAULT_KEEP
     verified: dict[str, Any] | None = None  # geometric confirmation: pairs checked, confirmed, dropped
+    tiers: dict[str, Any] | None = None  # candidate pairs found to be copies / other shots, and how
 
     @property
     def duplicates(self) -> int:
-        return sum(len(g.files) - 1 for g in self.groups)
+        """Copies that could go (what an action removes by default)."""
+        return sum(len(g.files) - 1 for g in self.groups if g.is_copy)
+
+    @property
+    def similar_files(self) -> int:
+        """Other shots that could go besides each scene's best shot (only with include_similar)."""
+        return sum(len(g.files) - 1 for g in self.groups if not g.is_copy)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
             "groups": [g.to_json() for g in self.groups],
             "duplicates": self.duplicates,
+            "similar_files": self.similar_files,
             "group": self.group_mode,
             "keep": list(self.keep_rules),
             **({"verified": self.verified} if self.verified is not None else {}),
+            **({"tiers": self.tiers} if self.tiers is not None else {}),
         }
 
 
@@ -131,16 +151,19 @@ def find_duplicates(
     verify: bool | None = None,
     accept_above: float | None = None,
     verify_progress: Callable[[int, int], None] | None = None,
+    similar: bool = True,
 ) -> DedupReport:
-    """Group the index's files into exact and near-duplicate groups, kept file first in each.
+    """Group the index's files into copies (exact and near groups, kept file first) and, with `similar`, groups of
+    other shots of one scene (best shot first).
 
     `rotations`: an Embedder; when given, copies rotated by 90/180/270 degrees or mirrored are matched too (each
     representative file is decoded once more and embedded four times). `progress` is told each stage's name.
-    Near duplicates, by default (`threshold` and `verify` None): pairs from AUTO_THRESHOLD up are confirmed
-    geometrically (local features, RANSAC, then the warped images must agree) and look-alikes dropped; pairs at
-    ACCEPT_ABOVE or more are kept unchecked, and a pair whose file cannot be read falls back to the cosine rule.
-    An explicit `threshold` alone, or `verify=False`, is cosine only (DEFAULT_THRESHOLD); `verify=True` checks
-    every pair from `threshold` (VERIFY_THRESHOLD) up. Pairs scoring `accept_above` or more are never checked.
+    Every candidate pair's tier (copy or another shot) comes from its aligned thumbnails and EXIF
+    (`tiers.compare`). Which pairs are related at all, by default (`threshold` and `verify` None): pairs from
+    AUTO_THRESHOLD up whose pixels do not place them are matched by local features (look-alikes dropped), except
+    at ACCEPT_ABOVE or more; a pair whose file cannot be read falls back to the cosine rule. An explicit `threshold`
+    alone, or `verify=False`, relates by cosine only (DEFAULT_THRESHOLD); `verify=True` matches every unplaced pair
+    from `threshold` (VERIFY_THRESHOLD) up except those scoring `accept_above` or more.
     """
     auto = verify is None and threshold is None
     if auto:
@@ -191,36 +214,38 @@ def find_duplicates(
         if rotations is not None:
             stage("rotated and mirrored copies")
             i, j, s = _merge_pairs(i, j, s, *_rotation_pairs(rotations, [r.path for r in reps], vecs, threshold))
-        if verify and len(i):
-            from .graph import UnionFind
-            from .verify import verify_pairs
+        thumbs: dict[int, Any] = {}
+        tier = np.zeros(len(i), np.int8)
+        tiers = None
+        if len(i):
+            from .verify import COPY, SIMILAR, tier_pairs
 
-            check = np.ones(len(i), bool) if accept_above is None else s < accept_above
-            joined = None
-            if group == "connected":
-                joined = UnionFind(n)
-                joined.union_many(i[~check], j[~check])
-            stage(f"verifying up to {int(check.sum())} pairs geometrically")
-            picked = np.flatnonzero(check)
-            verdicts = verify_pairs(store.path, reps, i[picked], j[picked], s[picked], joined, verify_progress)
-            kept = verdicts.keep.copy()
-            if auto:  # no verdict (unreadable, or too few keypoints to tell): judged by cosine, as without verification
-                kept |= verdicts.no_verdict & (s[picked] >= DEFAULT_THRESHOLD)
-            keep_pair = ~check
-            keep_pair[picked] = kept
-            verified = {"pairs": len(picked), "checked": verdicts.checked,
-                        "confirmed": int((verdicts.keep & (verdicts.inliers >= 0)).sum()),
-                        "implied": int((verdicts.inliers < 0).sum()),
-                        "dropped": int((~kept).sum()), "no_verdict": int(verdicts.no_verdict.sum()),
-                        "accepted_unchecked": int((~check).sum()), "accept_above": accept_above}  # fmt: skip
-            i, j, s = i[keep_pair], j[keep_pair], s[keep_pair]
-        stage(f"grouping {len(i)} pairs")
+            stage(f"copies or other shots: up to {len(i)} pairs")
+            t = tier_pairs(store.path, reps, i, j, s, connected=group == "connected", local=bool(verify),
+                           sure_above=accept_above, rotations=rotations is not None,
+                           progress=verify_progress, threads=min(8, os.cpu_count() or 1))  # fmt: skip
+            tier, thumbs = t.tier.copy(), t.thumbs
+            # no verdict (unreadable, or too little texture to tell): related by cosine, as without verification, but
+            # never a copy without evidence (other shots are never removed by default)
+            rescue = t.no_verdict & (s >= (DEFAULT_THRESHOLD if verify else threshold))
+            tier[rescue] = SIMILAR
+            checked = ~t.implied & ~t.no_verdict
+            tiers = {"pairs": len(i), "copies": int((tier == COPY).sum()), "similar": int((tier == SIMILAR).sum()),
+                     "implied": int(t.implied.sum()), "local_features": int(t.local.sum())}  # fmt: skip
+            if verify:
+                verified = {"pairs": len(i), "checked": int(checked.sum()),
+                            "confirmed": int((checked & (tier != 0)).sum()), "implied": int(t.implied.sum()),
+                            "dropped": int((tier == 0).sum()), "no_verdict": int(t.no_verdict.sum()),
+                            "accepted_unchecked": 0, "accept_above": accept_above}  # fmt: skip
+        copy = tier == 2
+        ci, cj, cs = i[copy], j[copy], s[copy]
+        stage(f"grouping {len(ci)} copy pairs")
         if group == "star":
-            found = star_groups(n, i, j, s, np.arange(n))
-            mins = group_min_scores(found, i, j, s, centre_only=True)
+            found = star_groups(n, ci, cj, cs, np.arange(n))
+            mins = group_min_scores(found, ci, cj, cs, centre_only=True)
         else:
-            found = [np.sort(g) for g in connected_groups(n, i, j)]
-            mins = group_min_scores(found, i, j, s)
+            found = [np.sort(g) for g in connected_groups(n, ci, cj)]
+            mins = group_min_scores(found, ci, cj, cs)
         for g, low in zip(found, mins, strict=True):
             members = [reps[int(x)] for x in g]
             members.sort(key=lambda r: keep_key(r, rules, prefer))
@@ -228,15 +253,63 @@ def find_duplicates(
             v = store.vectors(ids)
             groups.append(DupGroup("near", [m.path for m in members], float(low), ids,
                                    [float(min(1.0, x)) for x in v @ v[0]]))  # fmt: skip
-    groups.sort(key=lambda g: (g.kind != "exact", g.files[0]))
-    return DedupReport(threshold, groups, group, rules, verified)
+        if similar:
+            groups.extend(_similar_groups(store, reps, found, i, j, s, tier, thumbs, prefer))
+    order = {"exact": 0, "near": 1, "similar": 2}
+    groups.sort(key=lambda g: (order[g.kind], g.files[0]))
+    return DedupReport(threshold, groups, group, rules, verified, tiers if near else None)
+
+
+def _similar_groups(
+    store: IndexStore,
+    reps: list[Row],
+    copy_groups: list[np.ndarray],
+    i: np.ndarray,
+    j: np.ndarray,
+    s: np.ndarray,
+    tier: np.ndarray,
+    thumbs: dict[int, Any],
+    prefer: Sequence[str],
+) -> list[DupGroup]:
+    """Groups of other shots: scenes joined by similar pairs, one file per copy group (the one kept), best shot
+    first (a --prefer folder still wins)."""
+    from .graph import connected_groups, group_min_scores
+    from .tiers import load_thumb, shot_score
+
+    n = len(reps)
+    head = np.arange(n)  # each file's copy group, named by its kept file
+    for g in copy_groups:
+        head[np.asarray(g)] = int(np.min(g))  # reps are in keep order: the smallest position is kept
+    rel = tier > 0
+    a, b = head[i[rel]], head[j[rel]]
+    cross = a != b
+    a, b, sc = a[cross], b[cross], s[rel][cross]
+    out = []
+    for g, low in zip(found := connected_groups(n, a, b), group_min_scores(found, a, b, sc), strict=True):
+        members = [int(x) for x in g]
+        for x in members:
+            if x not in thumbs:
+                try:
+                    thumbs[x] = load_thumb(reps[x].path)
+                except Exception:
+                    thumbs[x] = None
+        score = {x: (shot_score(thumbs[x]) if thumbs.get(x) is not None else -math.inf) for x in members}
+        members.sort(key=lambda x: (not is_preferred(reps[x].path, prefer), -score[x], reps[x].path))
+        ids = [reps[x].id for x in members]
+        v = store.vectors(ids)
+        shots = [{"sharpness": round(thumbs[x].sharpness, 1), "clipped": round(thumbs[x].exposure, 4),
+                  "score": round(score[x], 3)} if thumbs.get(x) is not None else {} for x in members]  # fmt: skip
+        out.append(DupGroup("similar", [reps[x].path for x in members], float(low), ids,
+                            [float(min(1.0, y)) for y in v @ v[0]], shots))  # fmt: skip
+    return out
 
 
 def explain_pair(
     idx: Any, a: Any, b: Any, threshold: float | None = None, verify: bool | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """The cosine score of two files and why they are or are not near duplicates under find_duplicates' rules
-    (same `threshold` and `verify` meaning), with the geometric check's inliers when one applies."""
+    """The cosine score of two files, whether find_duplicates (same `threshold` and `verify` meaning) relates them,
+    and in which tier (copies, or other shots: "similar") with the evidence: the aligned thumbnails' agreement and
+    residual shift, EXIF, and the local-feature inliers when those were needed."""
     auto = verify is None and threshold is None
     accept = ACCEPT_ABOVE if auto else None
     if auto:
@@ -248,40 +321,56 @@ def explain_pair(
     pa, pb = (os.path.abspath(os.path.expanduser(str(x))) for x in (a, b))
     ra, rb = idx.store.row_by_path(pa), idx.store.row_by_path(pb)
     same = bool(ra and rb and ra.sha256 == rb.sha256)
-    inliers = copy = None
+    inliers = evidence = None
+    tier = None
     if same:
-        why, grouped = "byte-identical files (same sha256): an exact group", True
+        why, tier = "byte-identical files (same sha256): copies, an exact group", "exact"
     elif score < threshold:
-        why, grouped = (
-            f"score {score:.4f} < threshold {threshold}: not grouped (lower --threshold to group them)",
-            False,
-        )
-    elif not verify:
-        why, grouped = f"score {score:.4f} >= threshold {threshold}: near duplicates", True
-    elif accept is not None and score >= accept:
-        why, grouped = f"score {score:.4f} >= {accept}: near duplicates without a geometric check", True
+        why = f"score {score:.4f} < threshold {threshold}: not related (lower --threshold to group them)"
     else:
-        inliers, copy = _check_pair(pa, pb)
-        grouped = bool(copy)
-        why = (f"score {score:.4f} >= threshold {threshold} and confirmed geometrically ({inliers} inliers, the "
-               f"images agree): near duplicates" if copy else
-               f"score {score:.4f} >= threshold {threshold} but not confirmed geometrically ({inliers} inliers"
-               f"{', the images differ where they overlap' if inliers else ''}): look-alikes, not grouped")  # fmt: skip
-        if copy is None:  # too few keypoints to tell
-            grouped = auto and score >= DEFAULT_THRESHOLD
-            verdict = "near duplicates" if grouped else "not grouped"
-            why = (f"score {score:.4f}; too little texture for a geometric check ({inliers} inliers), so judged by "
-                   f"cosine: {verdict} (threshold {DEFAULT_THRESHOLD})")  # fmt: skip
-    text = f"{pa}\n{pb}\nscore: {score:.4f}\n{why}"
-    return text, {"a": pa, "b": pb, "score": round(score, 6), "threshold": threshold,
-                  "exact": same, "grouped": grouped, "reason": why, "inliers": inliers}  # fmt: skip
+        tier, why, inliers, evidence = _pair_tier(pa, pb, score, threshold, bool(verify), accept, auto)
+    grouped = tier is not None
+    label = {"exact": "copies (exact)", "near": "copies (near)", "similar": "other shots (similar)", None: "none"}
+    text = f"{pa}\n{pb}\nscore: {score:.4f}\ntier: {label[tier]}\n{why}"
+    return text, {"a": pa, "b": pb, "score": round(score, 6), "threshold": threshold, "exact": same,
+                  "grouped": grouped, "kind": tier, "tier": "copy" if tier in ("exact", "near") else tier,
+                  "reason": why, "inliers": inliers, "evidence": evidence}  # fmt: skip
 
 
-def _check_pair(pa: str, pb: str) -> tuple[int, bool | None]:
-    from .verify import judge_pair, prepare_image
+def _pair_tier(
+    pa: str, pb: str, score: float, threshold: float, verify: bool, accept: float | None, auto: bool
+) -> tuple[str | None, str, int | None, dict[str, Any] | None]:
+    """(kind or None, why, inliers, evidence) of one pair, by tier_pairs' rules."""
+    from .tiers import compare, load_thumb
+    from .verify import COPY, SIMILAR, local_features, local_tier
 
-    (fa, ga), (fb, gb) = prepare_image(pa), prepare_image(pb)
-    return judge_pair(fa, fb, ga, gb)
+    try:
+        ta, tb = load_thumb(pa), load_thumb(pb)
+    except Exception as err:  # unreadable: the cosine rule
+        ok = score >= (DEFAULT_THRESHOLD if verify else threshold)
+        return ("near" if ok else None), f"cannot compare the images ({err}): judged by cosine", None, None
+    ev = compare(ta, tb)
+    facts = ev.to_json()
+    head = f"score {score:.4f} >= threshold {threshold}; "
+    if ev.tier == "copy":
+        return "near", head + "copies: " + ev.why, None, facts
+    if ev.tier == "similar":
+        return "similar", head + "other shots of one scene: " + ev.why, None, facts
+    if not verify or (accept is not None and score >= accept):
+        rule = "cosine alone" if not verify else f"score >= {accept}"
+        return "similar", head + f"other shots ({rule} relates them; the pixels: {ev.why})", None, facts
+    fa, fb = local_features(pa), local_features(pb)
+    t, bad, inliers = local_tier(fa, fb, ta, tb)
+    if bad:
+        ok = auto and score >= DEFAULT_THRESHOLD
+        return (("near" if ok else None), f"score {score:.4f}; too little texture to tell ({inliers} inliers), so "
+                f"judged by cosine: {'copies' if ok else 'not grouped'} (threshold {DEFAULT_THRESHOLD})",
+                inliers, facts)  # fmt: skip
+    if t == COPY:
+        return "near", head + f"copies: aligned from local features ({inliers} inliers), {ev.why}", inliers, facts
+    if t == SIMILAR:
+        return "similar", head + f"other shots of one object ({inliers} inliers; the pixels: {ev.why})", inliers, facts
+    return None, head + f"look-alikes, not grouped ({inliers} inliers; the pixels: {ev.why})", inliers, facts
 
 
 def _rotation_pairs(embedder: Any, paths: list[str], vecs: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:

@@ -25,6 +25,8 @@ h1{font-size:1.3em} .summary{color:#555;margin-bottom:1em}
 .file{width:200px;font-size:12px;word-break:break-all} .file img{max-width:180px;max-height:180px;display:block}
 .keep{outline:3px solid #2a2;outline-offset:2px} .kept-label{color:#2a2;font-weight:bold}
 .drop-label{color:#a22} .exact h2{color:#225} .near h2{color:#552}
+.similar{border-style:dashed} .similar h2{color:#265} .best-label{color:#265;font-weight:bold}
+.other-label{color:#555}
 """
 
 
@@ -52,22 +54,36 @@ def write_html(report: DedupReport, store: IndexStore, out: str | Path, limit: i
         f"<style>{_CSS}</style></head><body><h1>simsearch dedup report</h1>",
         f"<p class='summary'>Index {html.escape(str(store.path))}; threshold {report.threshold}; "
         f"grouping {report.group_mode}; keep rules {', '.join(report.keep_rules)}; "
-        f"<span id='n-groups'>{len(report.groups)}</span> groups, {report.duplicates} files could be removed"
+        f"<span id='n-groups'>{len(report.groups)}</span> groups, {report.duplicates} copies could be removed"
+        + (
+            f"; {report.similar_files} other shots in similar groups (not copies: kept unless asked)"
+            if report.similar_files
+            else ""
+        )  # fmt: skip
         + (f" (first {limit} groups shown)" if len(report.groups) > limit else "")
         + ".</p>",
     ]
     for gi, g in enumerate(groups, 1):
+        title = (f"other shots of one scene (similar, not copies), {len(g.files)} files, best shot first"
+                 if g.kind == "similar" else f"{g.kind} copies, {len(g.files)} files")  # fmt: skip
         parts.append(
-            f"<section class='group {g.kind}' data-kind='{g.kind}'><h2>Group {gi}: {g.kind}, {len(g.files)} files, "
+            f"<section class='group {g.kind}' data-kind='{g.kind}'><h2>Group {gi}: {title}, "
             f"min score {g.min_score:.4f}</h2><div class='files'>"
         )
-        for f, s in zip(g.files, g.scores, strict=True):
+        for k, (f, s) in enumerate(zip(g.files, g.scores, strict=True)):
             r = rows.get(f)
             keep = f == g.keep
             src = thumbs.get(f)
             img = f"<img src='{src}' alt='{html.escape(Path(f).name)}'>" if src else "<em>(unreadable)</em>"
             meta = f"{r.width}x{r.height}, {r.size / 1024:.0f} KiB" if r else ""
-            label = "<span class='kept-label'>KEEP</span>" if keep else "<span class='drop-label'>duplicate</span>"
+            shot = g.shots[k] if g.shots and g.shots[k] else None
+            if shot:
+                meta += f"<br>sharpness {shot['sharpness']:.0f}, clipped {shot['clipped']:.1%}"
+            if g.kind == "similar":
+                label = ("<span class='best-label'>BEST SHOT</span>" if keep
+                         else "<span class='other-label'>other shot</span>")  # fmt: skip
+            else:
+                label = "<span class='kept-label'>KEEP</span>" if keep else "<span class='drop-label'>duplicate</span>"
             parts.append(
                 f"<div class='file{' keep' if keep else ''}'>{img}{label} score {s:.4f}<br>{meta}<br>"
                 f"<a href='file://{html.escape(f)}'>{html.escape(f)}</a></div>"

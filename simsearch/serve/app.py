@@ -217,14 +217,16 @@ def _add_routes(api: APIRouter, state: ServeState) -> None:
         keep: Annotated[str | None, Query(description="Keep rules, e.g. resolution,size,oldest")] = None,
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        similar: Annotated[bool, Query(description="Also list other shots of one scene (kind similar)")] = True,
     ) -> dict[str, Any]:
         """The dedup report (as `simsearch dedup --json`), one page of groups, each with its members' details."""
-        return state.duplicates(threshold, group, keep, offset, limit)
+        return state.duplicates(threshold, group, keep, offset, limit, similar=similar)
 
     @api.post("/duplicates/resolve", response_model=ResolveOut)
     def resolve(body: ResolveIn) -> dict[str, Any]:
         """Move or trash the chosen files of one group, as `dedup --action`; answers the undo manifest's name."""
-        return state.resolve(body.ids, body.remove, body.action, body.threshold, body.group, body.keep)
+        return state.resolve(body.ids, body.remove, body.action, body.threshold, body.group, body.keep,
+                             include_similar=body.include_similar)  # fmt: skip
 
     @api.get("/undo", response_model=UndoListOut)
     def undo_list() -> dict[str, Any]:

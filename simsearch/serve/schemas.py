@@ -48,20 +48,30 @@ class MemberOut(BaseModel):
     height: int | None
 
 
+class ShotOut(BaseModel):
+    sharpness: float | None = Field(None, description="Variance of the Laplacian of a small grey copy.")
+    clipped: float | None = Field(None, description="Share of blown or crushed pixels.")
+    score: float | None = Field(None, description="Best-shot score: the highest is listed first.")
+
+
 class GroupOut(BaseModel):
-    kind: Literal["exact", "near"]
+    kind: Literal["exact", "near", "similar"] = Field(
+        description="exact and near: copies of one capture; similar: other shots of one scene (best shot first)."
+    )
     files: list[str] = Field(description="Paths, the kept file first (as `simsearch dedup --json`).")
     min_score: float
     keep: str
     scores: list[float]
     ids: list[int]
     members: list[MemberOut]
+    shots: list[ShotOut] | None = Field(None, description="similar groups: each file's shot quality.")
 
 
 class DuplicatesOut(BaseModel):
     threshold: float
     groups: list[GroupOut] = Field(description="This page of the groups.")
-    duplicates: int = Field(description="Files that could go, over all groups.")
+    duplicates: int = Field(description="Copies that could go, over all copy groups.")
+    similar_files: int = Field(0, description="Other shots in similar groups (removed only when asked).")
     group: Literal["connected", "star"]
     keep: list[str]
     total_groups: int
@@ -79,6 +89,7 @@ class ResolveIn(BaseModel):
     threshold: float = Field(DEFAULT_THRESHOLD, ge=0.8, le=1.0, description="The listing's threshold (0.8 to 1).")
     group: Literal["connected", "star"] = "connected"
     keep: str | None = None
+    include_similar: bool = Field(False, description="Allow removing other shots of a similar group (not copies).")
 
 
 class MovedOut(BaseModel):

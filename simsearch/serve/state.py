@@ -314,8 +314,13 @@ class ServeState:
             self._dedup[(generation, *params)] = rep
         return rep
 
-    def duplicates(self, threshold: float, group: str, keep: str | None, offset: int, limit: int) -> dict[str, Any]:
+    def duplicates(
+        self, threshold: float, group: str, keep: str | None, offset: int, limit: int, similar: bool = True
+    ) -> dict[str, Any]:
         rep = self.report(threshold, group, keep)
+        if not similar:
+            rep = DedupReport(rep.threshold, [g for g in rep.groups if g.is_copy], rep.group_mode, rep.keep_rules,
+                              rep.verified, rep.tiers)  # fmt: skip
         page = rep.groups[offset : offset + limit]
         with self.lock:
             rows = self.index().store.rows([i for g in page for i in g.ids])
@@ -325,9 +330,17 @@ class ServeState:
         return out
 
     def resolve(
-        self, ids: list[int], remove: list[int], action: str, threshold: float, group: str, keep: str | None
+        self,
+        ids: list[int],
+        remove: list[int],
+        action: str,
+        threshold: float,
+        group: str,
+        keep: str | None,
+        include_similar: bool = False,
     ) -> dict[str, Any]:
-        """Move or trash the chosen files of one group, holding the writer lock; returns the undo manifest's name."""
+        """Move or trash the chosen files of one group, holding the writer lock; returns the undo manifest's name.
+        Other shots (a similar group) are only removed with `include_similar`."""
         self._check_writable()
         check_threshold(threshold)
         remove = list(dict.fromkeys(remove))
@@ -343,6 +356,8 @@ class ServeState:
             found = _find_group(self.report(threshold, group, keep), ids)
             if found is None:
                 raise ConflictError("this group is no longer in the index (it changed since it was listed); reload")
+            if not found.is_copy and not include_similar:
+                raise BadInputError("other shots of one scene, not copies: set include_similar to remove them")
             store = self.index().store
             rows = store.rows(remove)
             paths = [rows[i].path for i in remove]

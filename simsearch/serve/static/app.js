@@ -148,7 +148,9 @@ function setupSearch() {
 
 // ---- duplicates ---------------------------------------------------------------------------------------------
 function dupParams() {
-  return new URLSearchParams({ threshold: $("#threshold").value || "0.9", group: "star" });
+  return new URLSearchParams({
+    threshold: $("#threshold").value || "0.9", group: "star", similar: $("#show-similar").checked ? "true" : "false",
+  });
 }
 
 async function loadDuplicates(offset) {
@@ -162,8 +164,9 @@ async function loadDuplicates(offset) {
     releaseThumbs();
     $("#groups").replaceChildren(...rep.groups.map((g) => groupView(g, rep)));
     const last = Math.min(rep.offset + rep.groups.length, rep.total_groups);
+    const others = rep.similar_files ? `; ${rep.similar_files} other shots (not copies)` : "";
     $("#dups-summary").textContent = rep.total_groups
-      ? `groups ${rep.offset + 1}–${last} of ${rep.total_groups}; ${rep.duplicates} files could go`
+      ? `groups ${rep.offset + 1}–${last} of ${rep.total_groups}; ${rep.duplicates} copies could go${others}`
       : "no duplicates at this threshold";
     $("#dups-prev").disabled = rep.offset === 0;
     $("#dups-next").disabled = last >= rep.total_groups;
@@ -173,18 +176,23 @@ async function loadDuplicates(offset) {
 
 function groupView(g, rep) {
   const readOnly = state.info && state.info.server.read_only;
-  const box = el("div", { class: "group", "data-ids": g.ids.join(",") });
-  const members = g.members.map((m) => {
+  const similar = g.kind === "similar";
+  const allowed = !similar || $("#include-similar").checked;
+  const box = el("div", { class: "group" + (similar ? " similar" : ""), "data-ids": g.ids.join(","),
+    "data-kind": g.kind });
+  const members = g.members.map((m, k) => {
     const cb = el("input", { type: "checkbox", class: "trash-box", "data-id": String(m.id) });
-    cb.checked = !m.keep;  // the keep rules' choice, preselected
-    cb.disabled = readOnly;
-    const card = el("div", { class: "member " + (m.keep ? "keep" : "trash"), title: m.path }, [
+    cb.checked = !m.keep && !similar;  // copies: the keep rules' choice, preselected; other shots: never
+    cb.disabled = readOnly || !allowed;
+    const shot = similar && g.shots && g.shots[k] && g.shots[k].sharpness != null ? g.shots[k] : null;
+    const card = el("div", { class: "member " + (cb.checked ? "trash" : "keep"), title: m.path }, [
       thumb(m.id, 256),
       el("div", { class: "meta" }, [
         el("div", { class: "name", text: baseName(m.path) }),
         el("div", { text: `${dims(m.width, m.height)} · ${kb(m.size)}` }),
         el("div", { class: "score", text: `score ${m.score.toFixed(4)}` }),
-        m.keep ? el("div", { class: "muted", text: "kept by the keep rules" }) : null,
+        shot ? el("div", { class: "shot", text: `sharpness ${Math.round(shot.sharpness)} · clipped ${(100 * shot.clipped).toFixed(1)}%` }) : null,
+        m.keep ? el("div", { class: "muted", text: similar ? "best shot" : "kept by the keep rules" }) : null,
       ]),
       el("label", {}, [cb, document.createTextNode(" trash")]),
     ]);
@@ -192,11 +200,15 @@ function groupView(g, rep) {
     return card;
   });
   const apply = el("button", { type: "button", class: "primary apply", text: "Apply" });
-  apply.disabled = readOnly;
-  const note = el("span", { class: "note muted", text: readOnly ? "read-only server" : "" });
+  apply.disabled = readOnly || !allowed;
+  const hint = similar && !allowed ? "other shots, not copies: tick “include other shots in Apply” to remove any" : "";
+  const note = el("span", { class: "note muted", text: readOnly ? "read-only server" : hint });
   apply.addEventListener("click", () => resolveGroup(g, rep, box, note, apply));
+  const title = similar
+    ? `other shots of one scene (not copies): ${g.files.length} files, best shot first, min score ${g.min_score.toFixed(4)}`
+    : `${g.kind} group: ${g.files.length} files, min score ${g.min_score.toFixed(4)}`;
   box.append(
-    el("h3", { text: `${g.kind} group: ${g.files.length} files, min score ${g.min_score.toFixed(4)}` }),
+    el("h3", { text: title }),
     el("div", { class: "members" }, members),
     el("div", { class: "actions" }, [apply, note]),
   );
@@ -212,7 +224,8 @@ async function resolveGroup(g, rep, box, note, apply) {
     const res = await api("/api/duplicates/resolve", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ ids: g.ids, remove, action: "delete", threshold: rep.threshold, group: rep.group }),
+      body: JSON.stringify({ ids: g.ids, remove, action: "delete", threshold: rep.threshold, group: rep.group,
+        include_similar: g.kind === "similar" }),
     });
     apply.disabled = true;
     box.querySelectorAll(".trash-box").forEach((c) => { c.disabled = true; });
@@ -248,6 +261,8 @@ async function start() {
   $("#tab-search").addEventListener("click", () => showView("search"));
   $("#tab-dups").addEventListener("click", () => { showView("dups"); loadDuplicates(0); });
   $("#dups-load").addEventListener("click", () => loadDuplicates(0));
+  $("#show-similar").addEventListener("change", () => loadDuplicates(0));
+  $("#include-similar").addEventListener("change", () => loadDuplicates(state.dupOffset));
   $("#dups-prev").addEventListener("click", () => loadDuplicates(state.dupOffset - PAGE));
   $("#dups-next").addEventListener("click", () => loadDuplicates(state.dupOffset + PAGE));
   try {
