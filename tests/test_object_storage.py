@@ -136,3 +136,31 @@ def test_ray_workers_read_the_bucket_themselves_and_match_local(s3, photos: Path
         assert set(ra) == set(rb)
         va, vb = a.vectors([ra[p] for p in sorted(ra)]), b.vectors([rb[p] for p in sorted(ra)])
     assert float((va * vb).sum(axis=1).min()) > 0.9999
+
+
+def test_sync_sees_ten_objects_removed_and_five_added_exactly(s3, photos: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from .test_resume import noise_images
+
+    local = tmp_path / "pics"
+    local.mkdir()
+    noise_images(local, 21, 7, ".jpg")
+    pics = sorted(local.iterdir())
+    for p in pics[:16]:
+        s3.upload_file(str(p), "photos", f"sync/{p.name}")
+    index = tmp_path / "idx"
+    assert run_json("index", "s3://photos/sync", "--index", index)["added"] == 16
+    for p in pics[:10]:
+        s3.delete_object(Bucket="photos", Key=f"sync/{p.name}")
+    for p in pics[16:]:
+        s3.upload_file(str(p), "photos", f"sync/more/{p.name}")
+    rep = run_json("index", "s3://photos/sync", "--index", index)
+    assert (rep["removed"], rep["added"], rep["unchanged"], rep["embedded"]) == (10, 5, 6, 5)
+    assert Image.open(pics[0]).size == (160, 120)  # the pictures themselves were not touched
+    from simsearch import SimIndex
+
+    with SimIndex.open(index) as idx:
+        assert sorted(r.path for r in idx.store.all_rows()) == sorted(
+            [f"s3://photos/sync/{p.name}" for p in pics[10:16]] + [f"s3://photos/sync/more/{p.name}" for p in pics[16:]]
+        )
