@@ -3,7 +3,7 @@
 For N photos of ../shared/data/clothing/images, the folder gets the JPEG and one twin of it: a DNG (a Bayer mosaic of
 the same pixels, developed by LibRaw when indexed; every third one also carries an embedded preview, as camera files
 do), an HEIC at quality 70 or an AVIF at quality 60, in turn. Printed: the share of twins of each kind in a group with
-their JPEG (pair recall), false pairs, and the indexing rate of each kind.
+their JPEG (pair recall), and in a copy group (not "similar": another shot), false pairs, and the indexing time.
 
     python benchmarks/formats.py [PHOTOS] [--photos 150] [--work /tmp/formats-bench]
 """
@@ -69,15 +69,16 @@ def main() -> None:
     wall = time.perf_counter() - t0
     groups = simsearch("dedup", "--index", args.work / "idx")["groups"]
     pairs = {frozenset(p) for g in groups for p in combinations([Path(f).name for f in g["files"]], 2)}
+    copies = {frozenset(p) for g in groups if g["kind"] != "similar"
+              for p in combinations([Path(f).name for f in g["files"]], 2)}  # fmt: skip
     want = {frozenset((t, j)) for t, j in twins.items()}
     print(f"{len(files)} JPEGs + {len(twins)} twins indexed in {wall:.1f} s ({rep['added']} added, "
           f"{len(rep['skipped'])} skipped); false pairs: {len(pairs - want)}")  # fmt: skip
-    print(f"{'twin':<6}{'grouped with its JPEG':>24}")
-    for kind in KINDS:
-        mine = {frozenset((t, j)) for t, j in twins.items() if t.endswith(kind)}
-        print(f"{kind:<6}{len(mine & pairs):>14} of {len(mine):<4} ({len(mine & pairs) / len(mine):.3f})")
-    t_all = {frozenset((t, j)) for t, j in twins.items()}
-    print(f"{'all':<6}{len(t_all & pairs):>14} of {len(t_all):<4} ({len(t_all & pairs) / len(t_all):.3f})")
+    print(f"{'twin':<6}{'grouped with its JPEG':>24}{'as a copy':>22}")
+    for kind in (*KINDS, "all"):
+        mine = {frozenset((t, j)) for t, j in twins.items() if kind == "all" or t.endswith(kind)}
+        g, c = len(mine & pairs), len(mine & copies)
+        print(f"{kind:<6}{g:>14} of {len(mine):<4} ({g / len(mine):.3f}){c:>10} ({c / len(mine):.3f})")
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def dedup_cmd(
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a static HTML review page.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the groups as CSV.")] = None,
     explain: Annotated[
-        tuple[Path, Path] | None,
+        tuple[str, str] | None,
         typer.Option("--explain", help="Score two files and say whether they are copies, other shots, or neither."),
     ] = None,
     similar: Annotated[

@@ -164,3 +164,21 @@ def test_sync_sees_ten_objects_removed_and_five_added_exactly(s3, photos: Path, 
         assert sorted(r.path for r in idx.store.all_rows()) == sorted(
             [f"s3://photos/sync/{p.name}" for p in pics[10:16]] + [f"s3://photos/sync/more/{p.name}" for p in pics[16:]]
         )
+
+
+def test_near_copies_in_a_bucket_are_checked_from_their_bytes(s3, photos: Path, tmp_path: Path) -> None:
+    from .conftest import edited
+
+    for name in ("coffee.jpg", "rocket.jpg", "camera.jpg"):
+        s3.upload_file(str(photos / name), "photos", f"near/{name}")
+    small = edited(photos / "coffee.jpg", tmp_path / "coffee-small.jpg", scale=0.7, quality=60)
+    s3.upload_file(str(small), "photos", "near/copies/coffee-small.jpg")
+    index = tmp_path / "idx"
+    run_json("index", "s3://photos/near", "--index", index)
+    out = run_json("dedup", "--index", index)
+    assert [(g["kind"], sorted(g["files"])) for g in out["groups"]] == [
+        ("near", ["s3://photos/near/coffee.jpg", "s3://photos/near/copies/coffee-small.jpg"])
+    ]
+    explained = run_json("dedup", "--index", index, "--explain", "s3://photos/near/coffee.jpg",
+                         "s3://photos/near/copies/coffee-small.jpg")  # fmt: skip
+    assert explained["tier"] == "copy"

@@ -23,6 +23,7 @@ from ..errors import BadInputError
 from ..index.store import IndexStore, Row
 from ..index.videos import video_shas
 from ..media.raw import RAW_SUFFIXES
+from ..sources import is_url
 from .videos import video_groups
 
 DEFAULT_THRESHOLD = 0.90  # cosine alone (--no-verify, or an explicit --threshold): best F1 on clothing + edits
@@ -318,7 +319,7 @@ def explain_pair(
         threshold = VERIFY_THRESHOLD if verify else DEFAULT_THRESHOLD
     va, vb = idx.vector_for(a), idx.vector_for(b)
     score = float(min(1.0, np.dot(va, vb)))
-    pa, pb = (os.path.abspath(os.path.expanduser(str(x))) for x in (a, b))
+    pa, pb = (str(x) if is_url(x) else os.path.abspath(os.path.expanduser(str(x))) for x in (a, b))
     ra, rb = idx.store.row_by_path(pa), idx.store.row_by_path(pb)
     same = bool(ra and rb and ra.sha256 == rb.sha256)
     inliers = evidence = None

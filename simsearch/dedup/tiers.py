@@ -15,11 +15,15 @@ common case) and started from a homography when local features found one (`init`
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ..errors import ImageLoadError
+from ..sources import is_url
 
 SIDE = 256  # longer side of the thumbnails compared
 BLUR = 1.0  # Gaussian sigma (pixels at SIDE) applied before comparing
@@ -80,11 +84,19 @@ def load_thumb(path: str) -> Thumb:
     import cv2
     from PIL import Image
 
-    g, captured, camera, pixels = _jpeg_grey(path)
+    source: Any = path
+    if is_url(path):  # an object in object storage: fetched once, then decoded like a file
+        from ..sources.remote import read_object
+
+        try:
+            source = io.BytesIO(read_object(path)[0])
+        except Exception as e:
+            raise ImageLoadError(f"cannot read: {' '.join(str(e).split())}", path) from None
+    g, captured, camera, pixels = _jpeg_grey(source)
     if g is None:
         from ..images import open_image
 
-        g = open_image(path, target=SIDE).convert("L")
+        g = open_image(source.getvalue() if isinstance(source, io.BytesIO) else path, target=SIDE).convert("L")
     w, h = g.size
     s = SIDE / max(w, h)
     if s < 1:
@@ -96,7 +108,7 @@ def load_thumb(path: str) -> Thumb:
     return Thumb(grey, captured, camera, *sharp, pixels=pixels or w * h)
 
 
-def _jpeg_grey(path: str) -> tuple[Any, str | None, str | None, int]:
+def _jpeg_grey(path: Any) -> tuple[Any, str | None, str | None, int]:
     """(upright grey image, or None when not a plain JPEG; capture time; camera; stored pixels) from one open."""
     from PIL import Image
 
