@@ -643,7 +643,11 @@ class IndexStore:
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of candidate ids from the stored vectors; removed ids dropped; top k per query."""
         flat = np.unique(cand[cand >= 0])
-        live = np.array(sorted(self._live(flat.tolist())), np.int64)
+        count, top = self._counts()
+        if count == top:  # ids 1..top all live (nothing ever removed): no need to ask SQLite, per query
+            live = flat[(flat >= 1) & (flat <= top)]
+        else:
+            live = np.array(sorted(self._live(flat.tolist())), np.int64)
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
         if len(live) == 0:
