@@ -369,18 +369,7 @@ def _read_and_decode(
     except OSError as e:
         rec.error = f"cannot read: {e.strerror or e}"
         return rec, None
-    rec.sha256 = hashlib.sha256(data).hexdigest()
-    if known_hash is not None and known_hash(rec.sha256):
-        rec.known = True
-        return rec, None
-    try:
-        pixels, (rec.width, rec.height) = load_encoded(data, size, fit, name=path)
-        return rec, pixels
-    except ImageLoadError as e:
-        rec.error = _strip_path(str(e), path)
-    except Exception as e:  # Pillow raises many types for malformed files; any of them is a per-file error
-        rec.error = _one_line(e)
-    return rec, None
+    return _decode_bytes(rec, data, size, fit, known_hash)
 
 
 def _read_remote(
@@ -396,6 +385,13 @@ def _read_remote(
         return rec, None
     if sniff_video(data[:64]):
         return _read_video(rec, io.BytesIO(data), size, fit, known_hash)
+    return _decode_bytes(rec, data, size, fit, known_hash)
+
+
+def _decode_bytes(
+    rec: FileRecord, data: bytes, size: int, fit: str, known_hash: Callable[[str], bool] | None
+) -> tuple[FileRecord, np.ndarray | None]:
+    """Hash a still image's bytes; decode them unless that content is indexed already."""
     rec.sha256 = hashlib.sha256(data).hexdigest()
     if known_hash is not None and known_hash(rec.sha256):
         rec.known = True
@@ -405,7 +401,7 @@ def _read_remote(
         return rec, pixels
     except ImageLoadError as e:
         rec.error = _strip_path(str(e), rec.path)
-    except Exception as e:
+    except Exception as e:  # Pillow raises many types for malformed files; any of them is a per-file error
         rec.error = _one_line(e)
     return rec, None
 
