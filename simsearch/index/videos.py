@@ -81,12 +81,15 @@ def videos(store: IndexStore, shas: list[str] | set[str] | None = None) -> dict[
     """The videos of `shas` (all when None) with their frame ids and times in time order."""
     if not _has_tables(store.conn):
         return {}
-    rows = store.conn.execute("SELECT sha256, duration, bit_rate, codec FROM videos").fetchall()
-    want = None if shas is None else set(shas)
-    out = {s: Video(s, d or 0.0, b, c or "", np.zeros(0, np.int64), np.zeros(0)) for s, d, b, c in rows
-           if want is None or s in want}  # fmt: skip
+    if shas is None:
+        rows = store.conn.execute("SELECT sha256, duration, bit_rate, codec FROM videos").fetchall()
+        framed = store.conn.execute("SELECT id, sha256, t FROM frames").fetchall()
+    else:  # only the asked videos' rows (a query names a few of them: never the whole table)
+        rows = store._in_query("SELECT sha256, duration, bit_rate, codec FROM videos WHERE sha256 IN ({})", list(shas))
+        framed = store._in_query("SELECT id, sha256, t FROM frames WHERE sha256 IN ({})", list(shas))
+    out = {s: Video(s, d or 0.0, b, c or "", np.zeros(0, np.int64), np.zeros(0)) for s, d, b, c in rows}
     frames: dict[str, list[tuple[int, float]]] = {}
-    for fid, sha, t in store.conn.execute("SELECT id, sha256, t FROM frames ORDER BY sha256, t"):
+    for fid, sha, t in sorted(framed, key=lambda r: (r[1], r[2])):
         if sha in out:
             frames.setdefault(sha, []).append((fid, t))
     for sha, fr in frames.items():
