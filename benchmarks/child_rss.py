@@ -6,8 +6,14 @@ child reports VmHWM of its own address space at exit, on stderr, and `run` reads
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PEAK = (
     "import atexit, sys\n"
@@ -30,3 +36,10 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
         raise SystemExit(f"child failed: {' '.join(cmd[:4])} ...\n{p.stderr[-3000:]}")
     peak = [line.split()[1] for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")]
     return p.stdout, wall, int(peak[-1]) / 1024 if peak else float("nan")
+
+
+def cli_json(*args: str | Path) -> dict:
+    """`simsearch ARGS --json` of this checkout in a child process: its JSON answer; SystemExit on failure."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out, _, _ = run([sys.executable, "-c", CLI, *map(str, args), "--json"], env)
+    return json.loads(out)

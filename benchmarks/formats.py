@@ -11,9 +11,7 @@ their JPEG (pair recall), and in a copy group (not "similar": another shot), fal
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import time
 from itertools import combinations
@@ -25,18 +23,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from child_rss import cli_json  # noqa: E402
+
 from tests.media_util import write_dng  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "clothing" / "images"
 KINDS = ("dng", "heic", "avif")
-
-
-def simsearch(*args: str | Path) -> dict:
-    r = subprocess.run([sys.executable, "-m", "simsearch.cli", *map(str, args), "--json"], capture_output=True,
-                       text=True, cwd=ROOT)  # fmt: skip
-    if r.returncode != 0:
-        raise SystemExit(r.stderr)
-    return json.loads(r.stdout)
 
 
 def main() -> None:
@@ -65,9 +57,9 @@ def main() -> None:
             Image.fromarray(rgb).save(twin, quality=70 if kind == "heic" else 60)
         twins[twin.name] = src.name
     t0 = time.perf_counter()
-    rep = simsearch("index", lib, "--index", args.work / "idx")
+    rep = cli_json("index", lib, "--index", args.work / "idx")
     wall = time.perf_counter() - t0
-    groups = simsearch("dedup", "--index", args.work / "idx")["groups"]
+    groups = cli_json("dedup", "--index", args.work / "idx")["groups"]
     pairs = {frozenset(p) for g in groups for p in combinations([Path(f).name for f in g["files"]], 2)}
     copies = {frozenset(p) for g in groups if g["kind"] != "similar"
               for p in combinations([Path(f).name for f in g["files"]], 2)}  # fmt: skip

@@ -15,10 +15,8 @@ part of 40-70 %), and MPEG-4 in AVI. Some clips share only their first shot (an 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
-import subprocess
 import sys
 import time
 from itertools import combinations
@@ -30,6 +28,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from child_rss import cli_json  # noqa: E402
+
 from tests.media_util import reencode, write_clip  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "clothing" / "images"
@@ -38,14 +38,6 @@ SHARED = ROOT.parent / "shared" / "data" / "clothing" / "images"
 def photos(folder: Path, n: int, rng: random.Random) -> list[np.ndarray]:
     files = sorted(folder.glob("*.jpg"))
     return [np.asarray(Image.open(p).convert("RGB")) for p in rng.sample(files, n)]
-
-
-def simsearch(*args: str | Path) -> dict:
-    r = subprocess.run([sys.executable, "-m", "simsearch.cli", *map(str, args), "--json"], capture_output=True,
-                       text=True, cwd=ROOT)  # fmt: skip
-    if r.returncode != 0:
-        raise SystemExit(r.stderr)
-    return json.loads(r.stdout)
 
 
 def make_library(lib: Path, pics: list[np.ndarray], n: int, size: tuple[int, int], rng: random.Random) -> dict:
@@ -105,7 +97,7 @@ def main() -> None:
     total_s = sum(probe(p).duration_s for p in lib.iterdir())
     index = args.work / "idx"
     t0 = time.perf_counter()
-    rep = simsearch("index", lib, "--index", index)
+    rep = cli_json("index", lib, "--index", index)
     wall = time.perf_counter() - t0
     from simsearch.index.store import IndexStore
     from simsearch.index.videos import frames_file
@@ -116,7 +108,7 @@ def main() -> None:
           f"{total_s / wall:.1f}x real time, {frames} frames ({frames / wall:.1f} frames/s)")  # fmt: skip
 
     t0 = time.perf_counter()
-    groups = simsearch("dedup", "--index", index)["groups"]
+    groups = cli_json("dedup", "--index", index)["groups"]
     dedup_s = time.perf_counter() - t0
     found = {frozenset(pair) for g in groups for pair in combinations([Path(f).name for f in g["files"]], 2)}
     want = {frozenset(pair) for t in truth.values() for pair in combinations(t["copies"], 2)}
@@ -130,7 +122,7 @@ def main() -> None:
     errs = []
     for base, t in truth.items():
         at = grab(lib / base, rng.uniform(0.3, 0.7) * t["len"], args.work / "grab.png")
-        hit = simsearch("query", args.work / "grab.png", "--index", index, "-k", "3")["results"][0]["matches"][0]
+        hit = cli_json("query", args.work / "grab.png", "--index", index, "-k", "3")["results"][0]["matches"][0]
         name = Path(hit["path"]).name
         if name in t["copies"]:
             err = abs(hit.get("time_s", -99) - (at - t["copies"][name]))

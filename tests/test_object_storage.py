@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -16,15 +15,11 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 
+from .test_dedup_actions import run_json
+
 pytest.importorskip("s3fs")
 boto3 = pytest.importorskip("boto3")
 runner = CliRunner()
-
-
-def run_json(*args: str | Path) -> dict:
-    r = runner.invoke(app, [*map(str, args), "--json"])
-    assert r.exit_code == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 @pytest.fixture(scope="module")

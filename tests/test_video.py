@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from simsearch.cli import app
 from simsearch.images import open_image, sniff_format
 from simsearch.media.video import sample_frames, sniff_video
 
 from .conftest import skimage_photo
 from .media_util import reencode, write_clip
+from .test_dedup_actions import run_json
 
 pytest.importorskip("av")
-runner = CliRunner()
-
-
-def run_json(*args: str | Path) -> dict:
-    r = runner.invoke(app, [*map(str, args), "--json"])
-    assert r.exit_code == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 @pytest.fixture(scope="module")
