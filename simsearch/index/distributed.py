@@ -376,11 +376,16 @@ def _actor_pool(ray: Any, workers: int) -> Any:
         return ray.data.ActorPoolStrategy(size=workers)
 
 
+ACTOR_START_TIMEOUT_S = 300  # loading the model on a busy node can take a while; plan_workers checked the CPUs
+
+
 def _dataset(ray: Any, shards: list[list[str]]) -> Any:
     """One row, and one block, per shard."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shard order = local order: same ids, resume from a prefix
     ctx.enable_progress_bars = False  # sync reports progress itself
+    if hasattr(ctx, "wait_for_min_actors_s"):  # start once every actor is up: the first one would take every shard
+        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     rows = [{"paths": s} for s in shards]
     try:
         return ray.data.from_items(rows, override_num_blocks=len(shards))
