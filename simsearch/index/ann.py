@@ -180,13 +180,35 @@ def set_param(index: Any, value: int | None) -> None:
         faiss.ParameterSpace().set_index_parameter(index, name, int(value))
 
 
-def candidates(k: int, index: Any = None) -> int:
-    """How many candidates a structure returns for re-scoring to a final k (more for coarse PQ codes)."""
+def search_params(index: Any, value: int | None) -> Any:
+    """FAISS SearchParameters carrying nprobe or efSearch for one search, or None when the structure takes none
+    this way (then `set_param` changes the structure itself, under a lock). Passing them leaves the shared
+    structure untouched, so concurrent searches need no lock and no set-and-restore."""
     import faiss
 
-    if index is not None and isinstance(_inner(index), (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)):
-        return max(10 * k, k + 100)
-    return max(4 * k, k + 30)
+    if not value:
+        return None
+    inner = _inner(index)
+    if isinstance(inner, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=int(value))
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=int(value))
+    return None
+
+
+def candidates(k: int, index: Any = None, coarse: bool | None = None) -> int:
+    """How many candidates a structure returns for re-scoring to a final k (more for coarse PQ codes).
+    `coarse`: `is_coarse(index)`, when the caller already knows it."""
+    if coarse is None:
+        coarse = index is not None and is_coarse(index)
+    return max(10 * k, k + 100) if coarse else max(4 * k, k + 30)
+
+
+def is_coarse(index: Any) -> bool:
+    """Whether the structure's codes are coarse (product quantisation): its ranking needs more re-scoring."""
+    import faiss
+
+    return isinstance(_inner(index), (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan))
 
 
 def tune(

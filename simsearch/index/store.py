@@ -220,6 +220,7 @@ class IndexStore:
         self._search_changed = False
         self._lock_fd: int | None = None
         self._search_lock = threading.Lock()
+        self._setups: dict[tuple[int, int | None], tuple[Any, bool, Any]] = {}  # see _search_setup
         self._stats: tuple[int, int, int] | None = None  # (generation, count, max id), read once per generation
         self.index_type = manifest.get("index_type", "auto")
         self.memory_budget: int | None = manifest.get("memory_budget")
@@ -569,7 +570,7 @@ class IndexStore:
         given); rows committed after it was saved come from an exact scan; every candidate is re-scored from the
         stored vectors and removed rows are dropped. `exact` scans everything.
         """
-        from .ann import candidates, set_param
+        from .ann import set_param
 
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, int(k))
@@ -587,21 +588,38 @@ class IndexStore:
             return self._exact(q, want, n_slots)
         cand: list[np.ndarray] = []
         if index is not None:
-            with self._search_lock:
-                if param is not None:
+            fetch, params = self._search_setup(index, k, param)
+            if params is not None or param is None:
+                _, ids = index.search(q, fetch, params=params)
+            else:
+                with self._search_lock:
                     set_param(index, param)
-                _, ids = index.search(q, candidates(k, index))
-                if param is not None:
+                    _, ids = index.search(q, fetch)
                     set_param(index, (self.manifest.get("search") or {}).get("value"))
             cand.append(ids)
         if covered + 1 < n_slots:
             cand.append(self._scan(q, covered + 1, n_slots, want + self._dead_in(covered + 1, n_slots)))
-        scores, ids = self._rescore(q, np.concatenate(cand, axis=1), want)
+        scores, ids = self._rescore(q, np.concatenate(cand, axis=1), want, (count, top))
         short = (ids < 0).any(axis=1)
         if short.any():  # a structure can miss rows when few are left: an exact pass fills those queries
             full = self._scan(q[short], 0, n_slots, want + self._dead_in(0, n_slots))
             scores[short], ids[short] = self._rescore(q[short], full, want)
         return scores, ids
+
+    def _search_setup(self, index: Any, k: int, param: int | None) -> tuple[int, Any]:
+        """(candidates to fetch for top k, SearchParameters for `param` or the tuned value), cached per loaded
+        structure: asking FAISS for the structure's type costs a good part of a small search."""
+        from .ann import candidates, is_coarse, search_params
+
+        key = (id(index), param)
+        got = self._setups.get(key)
+        if got is None or got[0] is not index:
+            value = param if param is not None else (self.manifest.get("search") or {}).get("value")
+            got = (index, is_coarse(index), search_params(index, value))
+            if len(self._setups) > 64:
+                self._setups.clear()
+            self._setups[key] = got
+        return candidates(k, coarse=got[1]), got[2]
 
     def _exact(self, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -640,10 +658,13 @@ class IndexStore:
         _, idx = faiss.knn(q, np.ascontiguousarray(base), kk, metric=faiss.METRIC_INNER_PRODUCT)
         return np.where(idx >= 0, idx + lo, -1)
 
-    def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of candidate ids from the stored vectors; removed ids dropped; top k per query."""
+    def _rescore(
+        self, q: np.ndarray, cand: np.ndarray, k: int, counts: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of candidate ids from the stored vectors; removed ids dropped; top k per query.
+        `counts`: `_counts()` when the caller just read it."""
         flat = np.unique(cand[cand >= 0])
-        count, top = self._counts()
+        count, top = counts or self._counts()
         if count == top:  # ids 1..top all live (nothing ever removed): no need to ask SQLite, per query
             live = flat[(flat >= 1) & (flat <= top)]
         else:
@@ -889,12 +910,17 @@ class Txn:
         self.conn.executemany("DELETE FROM failures WHERE path=?", [(p,) for p in paths])
 
 
+SQLITE_MMAP_BYTES = 1 << 30  # address space only: pages are the OS's cache, shared and dropped under pressure
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # rows are read through a memory map (no read call per page): a query's few rows are found in microseconds
+        conn.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
     except sqlite3.DatabaseError as e:
         raise IndexCorruptError(f"index database {path} is damaged ({e}); rebuild it with --rebuild") from e
     return conn
