@@ -2,6 +2,7 @@
 
     python benchmarks/distributed.py ../shared/data/clothing/images [--limit N] [--commit-n 20000]
     python benchmarks/distributed.py --merge 200000 [--dim 1280]
+    python benchmarks/distributed.py ../shared/data/clothing/images --limit 1200 --nodes 2
 
 Each configuration is the real CLI (`simsearch index FOLDER --index FRESH --json`) in a child process on a fresh
 index; wall time includes process start, model load and (for Ray) starting Ray and its actors. The Ray indexes are
@@ -9,6 +10,11 @@ checked against the local one (same files, cosine per file). Then the serial par
 their own: planning (scan + stat), committing synthetic vectors through the store's transaction path (chunks of 256,
 as sync does) and the final FAISS snapshot, and a scaling model for N nodes is printed and checked against the
 measured runs. Prints readable lines and, last, one JSON line.
+
+`--nodes 2` checks the scaling model on a real multi-node cluster instead: `ray.cluster_utils.Cluster` nodes of 1 CPU
+each (local processes, as in tests/test_ray_cluster.py), the same folder indexed with `--ray ADDRESS` on 1 node and on
+2 nodes, each index checked against a local one; the 1-node run gives the per-node rate (r) and the fixed cost (t0),
+and the model predicts the 2-node run from them.
 
 `--merge N` measures the IVF structure's build on its own (what `--ray` does with an inverted-file index type): N
 clustered synthetic vectors, the structure `auto` picks for N trained on the driver, then filled serially by FAISS
@@ -152,6 +158,53 @@ def print_merge(res: dict) -> None:
           f"~{per * TARGET:.0f}/k s plus shipping 5 KB per vector")  # fmt: skip
 
 
+def cluster_check(folder: Path, tmp: Path, model: list[str], nodes: int) -> dict:
+    """Index `folder` on Ray clusters of 1 and `nodes` nodes (1 CPU each); the model's prediction for `nodes` from the
+    1-node run (fixed cost and per-node rate), against the measured time."""
+    from ray.cluster_utils import Cluster
+
+    tiny = tmp / "tiny"
+    tiny.mkdir()
+    for f in scan_images(folder)[0][:8]:
+        shutil.copy2(f, tiny / f.name)
+    index_run(tiny, tmp / "warm", model)  # converted model cached, files in the page cache
+    local = index_run(folder, tmp / "local", model)
+    runs: dict[int, dict] = {}
+    for n in (1, nodes):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            for _ in range(n - 1):
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            extra = [*model, "--ray", cluster.address]
+            fixed = index_run(tiny, tmp / f"tiny-{n}", extra)  # start the actors and embed 8 images
+            run = index_run(folder, tmp / f"nodes-{n}", extra)
+        finally:
+            cluster.shutdown()
+        same, cos, ids = compare(tmp / "local", tmp / f"nodes-{n}")
+        runs[n] = {"wall_s": round(run["wall"], 2), "fixed_s": round(fixed["wall"], 2),
+                   "steady_img_s": run["ray"].get("steady_img_s"), "nodes": run["ray"].get("nodes"),
+                   "shards_per_node": sorted(run["ray"].get("shards_per_node", {}).values()),
+                   "same_files": same, "min_cos": round(cos, 6), "same_ids": ids}  # fmt: skip
+    n_img = local["embedded"]
+    rate = runs[1]["steady_img_s"] or float("nan")  # e*r: what one node embeds once Ray runs (1-node run)
+    predicted = {n: runs[n]["fixed_s"] + n_img / (n * rate) for n in runs}  # fixed cost measured per configuration
+    err = {n: (runs[n]["wall_s"] - predicted[n]) / predicted[n] for n in runs}
+    print(f"images: {n_img}; nodes of 1 CPU each on one 2-core machine (the driver shares those cores)")
+    print(f"{'nodes':>6}{'wall s':>9}{'fixed s':>9}{'steady img/s':>14}{'predicted s':>13}{'error':>8}  shards per node"
+          f"  same index as local")  # fmt: skip
+    for n, r in runs.items():
+        print(f"{n:>6}{r['wall_s']:>9.1f}{r['fixed_s']:>9.1f}{r['steady_img_s'] or float('nan'):>14.1f}"
+              f"{predicted[n]:>13.1f}{100 * err[n]:>+7.1f}%  {str(r['shards_per_node']):<16} files {r['same_files']} "
+              f"min cos {r['min_cos']:.6f} ids {r['same_ids']}")  # fmt: skip
+    print(f"model: T(N) = fixed(N) + n / (N * e*r), e*r = {rate:.1f} img/s (the 1-node run's steady rate); "
+          f"speed-up {runs[1]['wall_s'] / runs[nodes]['wall_s']:.2f}x measured, "
+          f"{predicted[1] / predicted[nodes]:.2f}x predicted")  # fmt: skip
+    return {"images": n_img, "local_wall_s": round(local["wall"], 2), "runs": runs,
+            "predicted_wall_s": {n: round(t, 2) for n, t in predicted.items()},
+            "error": {n: round(e, 3) for n, e in err.items()}}  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, nargs="?")
@@ -160,6 +213,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="Use only the first N images (copied to a temp folder).")
     ap.add_argument("--commit-n", type=int, default=20_000, help="Synthetic vectors for the commit measurement.")
     ap.add_argument("--backbone", default=None, help="Backbone (default: the CLI's).")
+    ap.add_argument("--nodes", type=int, default=None, help="Check the model on a cluster of this many 1-CPU nodes.")
     args = ap.parse_args()
     if args.merge:
         res = merge_cost(args.merge, args.dim)
@@ -178,6 +232,9 @@ def main() -> int:
             folder.mkdir()
             for f in scan_images(args.folder)[0][: args.limit]:
                 shutil.copy2(f, folder / f.name)
+        if args.nodes:
+            print(json.dumps(cluster_check(folder, tmp, model, args.nodes)))
+            return 0
         tiny = tmp / "tiny"  # Ray's fixed cost: start Ray and its actors, embed 8 images
         tiny.mkdir()
         for f in scan_images(folder)[0][:8]:
