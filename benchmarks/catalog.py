@@ -1,0 +1,152 @@
+"""Catalog lookup: phone photos find their clean catalog image among distractors; every search stage side by side.
+
+Usage: python benchmarks/catalog.py [--data ../shared/data] [--distractors 1000] [--rerank 50] [--work DIR] [--json F]
+
+Catalog index (one index, `--local-features`, so it keeps visual words):
+- the 50 clean DVD-cover scans of data/covers/Reference (queries: the 200 phone photos in Canon/Droid/E63/Palm,
+  same file name = same cover), the reproduction of the issue's acceptance test (100 scans, 1,000 distractors,
+  400 phone photos, kept hidden);
+- the first photo (`_01`) of each of the 18 scenes of data/views (queries: the other 41 photos of those scenes);
+- `--items` clothing photos (queries: 2-3 synthetic phone photos of each, `benchmarks/instance.py`'s phone_photo:
+  partial view, perspective, clutter, glare), among `--distractors` clothing photos in all.
+All-vs-all index: the 200 cover phone photos and the 59 views photos among the same distractors; every photo is a
+query, the other photos of its cover or scene the answers (the re-ranker's old strength must not get worse).
+
+Stages: global (FAISS top N), words (visual-words top N), fused (their RRF union: what the re-ranker sees),
+reranked (geometric verification of the fused candidates) and reranked_global (the old pipeline: verification of
+the global top N only). Timings are indicative (shared CPU); the index folders under --work are reused (synced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from simsearch import SimIndex  # noqa: E402
+from simsearch.catalog import CatalogQuery, evaluate_catalog, format_table  # noqa: E402
+
+PHONES = ("Canon", "Droid", "E63", "Palm")
+
+
+def link(src: Path, dst: Path) -> Path:
+    """A symlink `dst` -> `src` (the index records the link's path; the data stays where it is)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.is_symlink():
+        os.symlink(src.resolve(), dst)
+    return dst
+
+
+def build(index_dir: Path, folder: Path) -> tuple[SimIndex, float]:
+    idx = SimIndex.open(index_dir) if (index_dir / "manifest.json").is_file() else SimIndex.create(index_dir)
+    t0 = time.perf_counter()
+    rep = idx.add_folder(folder, local_features=True)
+    lf = rep.local_features or {}
+    w = lf.get("words", {})
+    print(f"indexed {folder.name}: {rep.total} images ({rep.embedded} embedded) in {time.perf_counter() - t0:.0f} s; "
+          f"local features {lf.get('bytes_per_image')} B/img; words {w.get('words')} ({w.get('bytes_per_image')} "
+          f"B/img, {w.get('segments')} segments, vocabulary trained now: {w.get('trained')})")  # fmt: skip
+    return idx, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--distractors", type=int, default=1000)
+    ap.add_argument("--items", type=int, default=60, help="Clothing photos with synthetic phone photos as queries.")
+    ap.add_argument("--rerank", type=int, default=50)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/simsearch-catalog-bench"))
+    ap.add_argument("--skip-all-vs-all", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    covers, views, clothing = args.data / "covers", args.data / "views", args.data / "clothing"
+    if not (covers / "Reference").is_dir() or not (clothing / "images").is_dir():
+        print(f"covers or clothing data not found under {args.data}", file=sys.stderr)
+        return 1
+    work = args.work
+    cat = work / "catalog"
+    images = sorted((clothing / "images").glob("*.jpg"))[: args.distractors]
+    for p in images:
+        link(p, cat / "distractors" / p.name)
+    refs = {p.stem: link(p, cat / "covers" / p.name) for p in sorted((covers / "Reference").glob("*.jpg"))}
+    cover_q = [CatalogQuery(p, {os.path.abspath(refs[p.stem])}, p.stem) for ph in PHONES
+               for p in sorted((covers / ph).glob("*.jpg")) if p.stem in refs]  # fmt: skip
+    sets = {"covers": cover_q}
+    vpaths = sorted(views.rglob("*.jpg")) if views.is_dir() else []
+    scene = {p: f"{p.parent.name}_{p.stem.rsplit('_', 1)[0]}" for p in vpaths}
+    first = {}
+    for p in vpaths:
+        first.setdefault(scene[p], link(p, cat / "views" / f"{scene[p]}.jpg"))
+    sets["views"] = [CatalogQuery(p, {os.path.abspath(first[scene[p]])}, scene[p]) for p in vpaths
+                     if first[scene[p]].resolve() != p.resolve()]  # fmt: skip
+    if args.items:
+        from instance import phone_photo
+
+        rng = np.random.default_rng(0)
+        items = sorted(rng.choice(len(images), min(args.items, len(images)), replace=False).tolist())
+        qdir = work / "clothing-phone"
+        qdir.mkdir(parents=True, exist_ok=True)
+        qs = []
+        for i in items:
+            for j in range(int(rng.integers(2, 4))):
+                b = int(rng.choice(len(images) - 1))
+                b += b >= i
+                p = qdir / f"{images[i].stem}_phone{j}.jpg"
+                if not p.is_file():
+                    with Image.open(images[i]) as scan, Image.open(images[b]) as bg:
+                        phone_photo(scan, bg, rng).save(p, quality=int(rng.integers(60, 81)))
+                qs.append(CatalogQuery(p, {os.path.abspath(cat / "distractors" / images[i].name)}, images[i].stem))
+        sets["clothing"] = qs
+    idx, _ = build(work / "index-catalog", cat)
+    n_cat = len(idx)
+    results = {}
+    with idx:
+        for name, queries in sets.items():
+            res = evaluate_catalog(idx, queries, args.rerank, baseline=True)
+            results[name] = res
+            print()
+            print(format_table(res, f"== {name}: {len(queries)} queries, catalog of {n_cat} images, rerank "
+                                    f"{args.rerank}"))  # fmt: skip
+        info = idx.info()
+    if not args.skip_all_vs_all:
+        ava = work / "all-vs-all"
+        for p in images:
+            link(p, ava / "distractors" / p.name)
+        photos = {}
+        for ph in PHONES:
+            for p in sorted((covers / ph).glob("*.jpg")):
+                photos[link(p, ava / "phones" / f"{ph}_{p.name}")] = f"cover{p.stem}"
+        for p in vpaths:
+            photos[link(p, ava / "views" / f"{scene[p]}_{p.name}")] = scene[p]
+        idx2, _ = build(work / "index-all-vs-all", ava)
+        by_label: dict[str, set[str]] = {}
+        for p, lab in photos.items():
+            by_label.setdefault(lab, set()).add(os.path.abspath(p))
+        qs = [CatalogQuery(p, by_label[lab] - {os.path.abspath(p)}, lab) for p, lab in photos.items()
+              if len(by_label[lab]) > 1]  # fmt: skip
+        with idx2:
+            res = evaluate_catalog(idx2, qs, args.rerank, baseline=True)
+        results["all_vs_all"] = res
+        print()
+        print(format_table(res, f"== all-vs-all: {len(qs)} photos (covers' phone photos and views) among "
+                                f"{len(images)} distractors, rerank {args.rerank}"))  # fmt: skip
+    vw = info.get("visual_words") or {}
+    lf = info.get("local_features") or {}
+    print(f"\ncatalog index: {n_cat} images; local features {lf.get('bytes_per_image')} B/img; visual words "
+          f"{vw.get('words')} words, {vw.get('bytes_per_image')} B/img on disk")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "visual_words": vw, "local_features": lf}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
