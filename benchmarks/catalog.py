@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simsearch import SimIndex  # noqa: E402
 from simsearch.catalog import CatalogQuery, evaluate_catalog, format_table  # noqa: E402
+from simsearch.spatial.words import WORDS_DIR  # noqa: E402
 
 PHONES = ("Canon", "Droid", "E63", "Palm")
 
@@ -58,6 +59,74 @@ def build(index_dir: Path, folder: Path) -> tuple[SimIndex, float]:
     return idx, time.perf_counter() - t0
 
 
+def scale_test(words_dir: Path, out: Path, n: int, queries: list[np.ndarray]) -> dict:
+    """Query cost of the visual words at `n` images: an inverted file of n documents, each a copy of a real catalog
+    image's word set (so posting lengths follow the real word distribution), written straight as one segment."""
+    import sqlite3
+
+    from simsearch.spatial.words import WordIndex
+
+    real = WordIndex.open(words_dir.parent)
+    st = real._state()
+    size = real.vocab.size
+    doc_words: dict[int, list[int]] = {}
+    for off, post in st["segments"].values():
+        for w in range(size):
+            for d in post[off[w] : off[w + 1]]:
+                if st["nwords"][d]:
+                    doc_words.setdefault(int(d), []).append(w)
+    sources = sorted(doc_words)
+    real.close()
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, len(sources), n)  # doc i copies real doc sources[src[i]]
+    members = [np.flatnonzero(src == j).astype(np.uint32) for j in range(len(sources))]
+    by_word: dict[int, list[int]] = {}
+    for j, d in enumerate(sources):
+        for w in doc_words[d]:
+            by_word.setdefault(w, []).append(j)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WORDS_DIR).mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    wi = WordIndex.open(out, create=True)
+    if len(wi) != n:
+        wi.set_vocabulary(WordIndex.open(words_dir.parent).vocab)
+        counts = np.array([sum(len(members[j]) for j in by_word.get(w, [])) for w in range(size)], np.int64)
+        offsets = np.zeros(size + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        post = np.lib.format.open_memmap(out / WORDS_DIR / "seg-000001.postings.npy", mode="w+", dtype=np.uint32,
+                                         shape=(int(offsets[-1]),))  # fmt: skip
+        for w in range(size):
+            if counts[w]:
+                post[offsets[w] : offsets[w + 1]] = np.sort(np.concatenate([members[j] for j in by_word[w]]))
+        post.flush()
+        del post
+        np.save(out / WORDS_DIR / "seg-000001.offsets.npy", offsets)
+        nw = np.array([len(doc_words[sources[j]]) for j in src], np.int64)
+        with wi.conn:
+            wi.conn.executemany("INSERT INTO docs VALUES (?, ?, ?)",
+                                ((i, f"doc{i:07d}", int(nw[i])) for i in range(n)))  # fmt: skip
+            wi.conn.execute("INSERT INTO segs VALUES (1, ?)", (int(offsets[-1]),))
+            wi.conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_doc', ?)", (str(n),))
+            wi.conn.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(wi.generation + 1),))
+        wi.close()
+        sqlite3.connect(out / WORDS_DIR / "words.sqlite").execute("VACUUM").connection.close()
+        wi = WordIndex.open(out)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    wi._state()
+    load_s = time.perf_counter() - t0
+    times = []
+    for q in queries:
+        t0 = time.perf_counter()
+        wi.search(q, 50)
+        times.append(1000 * (time.perf_counter() - t0))
+    disk = wi.disk_bytes()
+    wi.close()
+    return {"images": n, "build_s": round(build_s, 1), "first_load_s": round(load_s, 2),
+            "ms_per_query_median": round(float(np.median(times)), 1), "ms_per_query_p90":
+            round(float(np.percentile(times, 90)), 1), **disk, "memory_bytes_per_image": 2}  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -66,6 +135,7 @@ def main() -> int:
     ap.add_argument("--rerank", type=int, default=50)
     ap.add_argument("--work", type=Path, default=Path("/tmp/simsearch-catalog-bench"))
     ap.add_argument("--skip-all-vs-all", action="store_true")
+    ap.add_argument("--scale", type=int, default=0, help="Also time the visual words at this many images (1000000).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     covers, views, clothing = args.data / "covers", args.data / "views", args.data / "clothing"
@@ -97,6 +167,7 @@ def main() -> int:
         qdir.mkdir(parents=True, exist_ok=True)
         qs = []
         for i in items:
+            rng = np.random.default_rng([0, i])  # per item: the same photos whether or not earlier ones are cached
             for j in range(int(rng.integers(2, 4))):
                 b = int(rng.choice(len(images) - 1))
                 b += b >= i
@@ -139,6 +210,16 @@ def main() -> int:
         print()
         print(format_table(res, f"== all-vs-all: {len(qs)} photos (covers' phone photos and views) among "
                                 f"{len(images)} distractors, rerank {args.rerank}"))  # fmt: skip
+    if args.scale:
+        with SimIndex.open(work / "index-catalog") as idx:
+            qwords = [idx._word_index().vocab.assign(idx.query_features(q.path).unit_descriptors())
+                      for q in sets["covers"][:50]]  # fmt: skip
+        sc = scale_test(work / "index-catalog" / WORDS_DIR, work / f"scale-{args.scale}", args.scale, qwords)
+        results["scale"] = sc
+        print(f"\nvisual words at {sc['images']:,} images: {sc['ms_per_query_median']} ms per query (median; "
+              f"p90 {sc['ms_per_query_p90']}), first load {sc['first_load_s']} s, {sc['bytes_per_image']} bytes per "
+              f"image on disk + {sc['vocab_bytes']} vocabulary, {sc['memory_bytes_per_image']} bytes per image "
+              f"resident (+8 per query while scoring)")  # fmt: skip
     vw = info.get("visual_words") or {}
     lf = info.get("local_features") or {}
     print(f"\ncatalog index: {n_cat} images; local features {lf.get('bytes_per_image')} B/img; visual words "
