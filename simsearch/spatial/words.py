@@ -40,6 +40,7 @@ RETRAIN_GROWTH = 2.0  # a vocabulary trained on fewer than TRAIN_SAMPLE descript
 MAX_SEGMENTS = 8
 DEAD_FRACTION = 0.25  # segments are merged when this share of their postings belongs to removed images
 STOP_FRACTION = 0.05  # query words in more than this share of the images are skipped (cost; they say little)
+MAX_POSTINGS = 4_000_000  # a query reads at most this many postings (its rarest words first): bounded cost at scale
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS docs (doc INTEGER PRIMARY KEY, sha256 TEXT UNIQUE NOT NULL, nwords INTEGER NOT NULL);
@@ -181,7 +182,8 @@ class WordIndex:
     def settings(self) -> dict[str, Any]:
         v = self.vocab
         return {"words": v.size if v else 0, "trained_on": v.trained_on if v else 0, "docs": len(self),
-                "segments": len(self._segments()), "stop_fraction": STOP_FRACTION}  # fmt: skip
+                "segments": len(self._segments()), "stop_fraction": STOP_FRACTION,
+                "max_postings": MAX_POSTINGS}  # fmt: skip
 
     def _segments(self) -> list[tuple[int, int]]:
         return [(int(s), int(n)) for s, n in self.conn.execute("SELECT seg, postings FROM segs ORDER BY seg")]
@@ -349,7 +351,11 @@ class WordIndex:
             return []
         st = self._state()
         words = np.asarray(words, np.int64)
-        words = words[st["df"][words] <= max(10, STOP_FRACTION * st["n"])]  # stop words: long lists, little say
+        df = st["df"][words]
+        keep = df <= max(10, STOP_FRACTION * st["n"])  # stop words: long lists, little say
+        words, df = words[keep], df[keep]
+        order = np.argsort(df, kind="stable")  # the rarest words first, until the postings budget is spent
+        words = words[order[np.cumsum(df[order]) <= max(MAX_POSTINGS, int(df.min()) if len(df) else 0)]]
         if len(words) == 0:
             return []
         docs, weights = [], []
@@ -407,13 +413,14 @@ def sync_words(index_dir: Path, progress: Callable[[int, int], None] | None = No
     wi = WordIndex.open(index_dir, create=True)
     try:
         have = fs.keys()
-        total_desc = int(fs.conn.execute("SELECT COALESCE(SUM((LENGTH(data) - 12) / 132), 0) FROM features")
-                         .fetchone()[0])  # fmt: skip
         v = wi.vocab
         trained = False
-        if have and (v is None or (v.trained_on < TRAIN_SAMPLE and total_desc >= RETRAIN_GROWTH * v.trained_on)):
-            wi.set_vocabulary(train_vocabulary(_sample(fs, sorted(have), TRAIN_SAMPLE, seed), seed=seed))
-            trained = True
+        if have and (v is None or v.trained_on < TRAIN_SAMPLE):  # only a small vocabulary is ever retrained
+            total_desc = int(fs.conn.execute("SELECT COALESCE(SUM((LENGTH(data) - 12) / 132), 0) FROM features")
+                             .fetchone()[0])  # fmt: skip
+            if v is None or total_desc >= RETRAIN_GROWTH * v.trained_on:
+                wi.set_vocabulary(train_vocabulary(_sample(fs, sorted(have), TRAIN_SAMPLE, seed), seed=seed))
+                trained = True
         dropped = wi.remove(wi.keys() - have)
         todo = sorted(have - wi.keys())
         if progress:
