@@ -180,3 +180,24 @@ def test_phone_photos_of_dvd_covers_find_their_scan_through_visual_words(tmp_pat
     assert r.exit_code == 0, r.output
     stages = json.loads(r.stdout)["stages"]
     assert stages["words"]["r_at_10"] >= 0.85 and stages["reranked"]["p_at_1"] >= 0.85
+
+
+def test_server_search_with_rerank_uses_visual_words(shop: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from simsearch.serve.app import create_app
+
+    cat, queries = shop
+    idx = tmp_path / "idx"
+    assert CliRunner().invoke(app, ["index", str(cat), "--index", str(idx), "--local-features"]).exit_code == 0
+    client = TestClient(create_app(idx, warm_up=False), base_url="http://127.0.0.1")
+    q = (queries / "chelsea.jpg").read_bytes()
+    out = client.post("/api/search", params={"k": 2, "rerank": 2}, files={"image": ("q.jpg", q)}).json()
+    first = out["matches"][0]
+    assert Path(first["path"]).name == "chelsea.jpg" and first["stage"] == "words" and first["inliers"] >= 15
+    plain = client.post("/api/search", params={"k": 2}, files={"image": ("q.jpg", q)}).json()
+    assert Path(plain["matches"][0]["path"]).name != "chelsea.jpg" and "stage" not in plain["matches"][0]
+    rid = first["id"]
+    by_id = client.get("/api/search", params={"id": rid, "k": 1, "rerank": 3}).json()["matches"][0]
+    assert by_id["id"] == rid and by_id["stage"] == "both"
