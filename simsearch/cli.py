@@ -134,7 +134,10 @@ def index_cmd(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray workers (default one per node).")] = None,
     local_features: Annotated[
         bool,
-        typer.Option("--local-features", help="Also store local features (faster `query --rerank`); kept in sync."),
+        typer.Option(
+            "--local-features",
+            help="Also store local features and visual words (faster `query --rerank`, catalog lookup); kept in sync.",
+        ),
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
