@@ -201,3 +201,24 @@ def test_server_search_with_rerank_uses_visual_words(shop: tuple[Path, Path], tm
     rid = first["id"]
     by_id = client.get("/api/search", params={"id": rid, "k": 1, "rerank": 3}).json()["matches"][0]
     assert by_id["id"] == rid and by_id["stage"] == "both"
+
+
+def test_verify_checks_the_visual_words_and_repair_rebuilds_them(shop: tuple[Path, Path], tmp_path: Path) -> None:
+    cat, _ = shop
+    idx = tmp_path / "idx"
+    assert CliRunner().invoke(app, ["index", str(cat), "--index", str(idx), "--local-features"]).exit_code == 0
+    r = CliRunner().invoke(app, ["verify", "--index", str(idx), "--json"])
+    assert r.exit_code == 0 and any(c["name"] == "visual words" and c["ok"] for c in json.loads(r.stdout)["checks"])
+    seg = next((idx / "visual-words").glob("seg-*.postings.npy"))
+    arr = np.load(seg)
+    arr[:5] = 10**6  # postings naming documents that never existed
+    np.save(seg, arr)
+    r = CliRunner().invoke(app, ["verify", "--index", str(idx), "--json"])
+    assert r.exit_code == 2
+    assert [c["ok"] for c in json.loads(r.stdout)["checks"] if c["name"] == "visual words"] == [False]
+    r = CliRunner().invoke(app, ["verify", "--index", str(idx), "--repair", "--json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["index", str(cat), "--index", str(idx), "--json"])
+    words = json.loads(r.stdout)["local_features"]["words"]
+    assert words["trained"] and words["docs"] == 12
+    assert CliRunner().invoke(app, ["verify", "--index", str(idx)]).exit_code == 0

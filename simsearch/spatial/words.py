@@ -394,6 +394,40 @@ class WordIndex:
         return out
 
 
+def check_words(index_dir: Path) -> tuple[bool, str] | None:
+    """(ok, detail) for an index's visual words (None if it has none): the vocabulary loads, every segment's offsets
+    run from 0 to its postings' length without going back, and every posting names a document ever given out."""
+    root = Path(index_dir) / WORDS_DIR
+    if not root.is_dir():
+        return None
+    try:
+        wi = WordIndex.open(index_dir)
+    except (FileNotFoundError, IndexCorruptError) as e:
+        return False, f"{WORDS_DIR}: {e}"
+    try:
+        if wi.vocab is None:
+            return False, f"{WORDS_DIR}: no vocabulary"
+        bad = []
+        next_doc = int(wi._meta("next_doc", 0))
+        for seg, n in wi._segments():
+            off_path, post_path = wi._seg_paths(seg)
+            try:
+                off = np.load(off_path, mmap_mode="r")
+                post = np.load(post_path, mmap_mode="r")
+                shape_ok = len(off) == wi.vocab.size + 1 and off[0] == 0 and off[-1] == len(post) == n
+                sound = shape_ok and bool(np.all(np.diff(off) >= 0)) and (not len(post) or int(post.max()) < next_doc)
+            except (OSError, ValueError):
+                sound = False
+            if not sound:
+                bad.append(post_path.name)
+        detail = f"{WORDS_DIR}: {len(wi)} images, {len(wi._segments())} segments, {len(bad)} damaged"
+        return not bad, detail + (f" ({', '.join(bad[:3])})" if bad else "")
+    except sqlite3.DatabaseError as e:
+        return False, f"{WORDS_DIR}: {e}"
+    finally:
+        wi.close()
+
+
 def _save(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
