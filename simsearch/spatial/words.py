@@ -315,22 +315,43 @@ class WordIndex:
 
     # ---- reading --------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        """Word counts per doc (0 = removed), document frequencies and memory-mapped segments; per generation."""
-        gen = self.generation
-        if self._cache is not None and self._cache[0] == gen:
-            return self._cache[1]
+        """Word counts per doc (0 = removed), document frequencies and memory-mapped segments; per generation.
+
+        Read as one snapshot; a segment deleted meanwhile by a merge in another process means a newer generation,
+        so the state is read again (a merge deletes old segments only after committing the new one)."""
+        for attempt in range(3):
+            gen = self.generation
+            if self._cache is not None and self._cache[0] == gen:
+                return self._cache[1]
+            try:
+                state = self._read_state()
+            except IndexCorruptError:
+                if attempt == 2 or self.generation == gen:
+                    raise
+                continue
+            self._cache = (state["generation"], state)
+            return state
+        raise AssertionError("unreachable")
+
+    def _read_state(self) -> dict[str, Any]:
         version = int(self._meta("vocab_version", 0))
         if version != self._vocab_version:  # retrained by another process
             path = self.root / "vocab.npz"
             self.vocab = Vocabulary.load(path) if path.is_file() else None
             self._vocab_version = version
-        rows = np.array(self.conn.execute("SELECT doc, nwords FROM docs").fetchall(), np.int64).reshape(-1, 2)
-        top = int(self._meta("next_doc", 0))
+        self.conn.execute("BEGIN")  # one snapshot of documents, segments and generation
+        try:
+            gen = self.generation
+            rows = np.array(self.conn.execute("SELECT doc, nwords FROM docs").fetchall(), np.int64).reshape(-1, 2)
+            top = int(self._meta("next_doc", 0))
+            segs = self._segments()
+        finally:
+            self.conn.commit()
         nwords = np.zeros(max(top, 1), np.uint16)
         nwords[rows[:, 0]] = np.minimum(rows[:, 1], 65535)
         size = self.vocab.size if self.vocab else 0
         segments, df = {}, np.zeros(size, np.int64)
-        for seg, _ in self._segments():
+        for seg, _ in segs:
             off_path, post_path = self._seg_paths(seg)
             try:
                 off = np.load(off_path, mmap_mode="r")
@@ -341,9 +362,7 @@ class WordIndex:
             df += np.diff(off)
         n = max(1, len(rows))
         idf = np.log((n + 1) / (df + 1)).astype(np.float64)
-        state = {"nwords": nwords, "segments": segments, "idf2": idf**2, "df": df, "n": n}
-        self._cache = (gen, state)
-        return state
+        return {"nwords": nwords, "segments": segments, "idf2": idf**2, "df": df, "n": n, "generation": gen}
 
     def search(self, words: np.ndarray, k: int) -> list[tuple[str, float]]:
         """The k images sharing the most idf-weighted words with a query's distinct `words`: (sha256, score)."""
