@@ -12,6 +12,9 @@ Catalog index (one index, `--local-features`, so it keeps visual words):
 All-vs-all index: the 200 cover phone photos and the 59 views photos among the same distractors; every photo is a
 query, the other photos of its cover or scene the answers (the re-ranker's old strength must not get worse).
 
+`--regions` also measures the alternative first stage the issue names: region descriptors of the query (the photo
+and 14 crops of it through the global model, a catalog image scored by its best region).
+
 Stages: global (FAISS top N), words (visual-words top N), fused (their RRF union: what the re-ranker sees),
 reranked (geometric verification of the fused candidates) and reranked_global (the old pipeline: verification of
 the global top N only). Timings are indicative (shared CPU); the index folders under --work are reused (synced).
@@ -57,6 +60,44 @@ def build(index_dir: Path, folder: Path) -> tuple[SimIndex, float]:
           f"local features {lf.get('bytes_per_image')} B/img; words {w.get('words')} ({w.get('bytes_per_image')} "
           f"B/img, {w.get('segments')} segments, vocabulary trained now: {w.get('trained')})")  # fmt: skip
     return idx, time.perf_counter() - t0
+
+
+def region_crops(path: Path) -> list[Image.Image]:
+    """The query and regions of it: 4 corner crops and a centre crop of 65% of each side, and a 3 x 3 grid of crops
+    of 45% (overlapping): 15 views, one of which should hold mostly the object."""
+    from simsearch.images import open_image
+
+    im = open_image(str(path)).convert("RGB")
+    w, h = im.size
+    out = [im]
+    for f, steps in ((0.65, [(0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5)]),
+                     (0.45, [(x / 2, y / 2) for y in range(3) for x in range(3)])):  # fmt: skip
+        cw, ch = int(w * f), int(h * f)
+        for fx, fy in steps:
+            x0, y0 = int((w - cw) * fx), int((h - ch) * fy)
+            out.append(im.crop((x0, y0, x0 + cw, y0 + ch)))
+    return out
+
+
+def evaluate_regions(index: SimIndex, queries: list[CatalogQuery], n: int) -> dict:
+    """The alternative first stage: region descriptors of the query (its 15 views through the global model), each
+    searched against the catalog, a catalog image scored by its best region."""
+    ranks, ms = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        crops = region_crops(q.path)
+        vecs = index.embedder.embed(crops).vectors
+        hits = index.search_vectors(vecs, n)
+        best: dict[str, float] = {}
+        for row in hits:
+            for m in row:
+                best[m.path] = max(best.get(m.path, -2.0), m.score)
+        order = sorted(best, key=lambda p: -best[p])[:n]
+        ms.append(1000 * (time.perf_counter() - t0))
+        ranks.append(next((i for i, p in enumerate(order) if p in q.relevant), None))
+    k = len(ranks)
+    hit = {c: sum(r is not None and r < c for r in ranks) / k for c in (1, 10, 50)}
+    return {"p_at_1": hit[1], "r_at_10": hit[10], "r_at_50": hit[50], "ms": round(float(np.mean(ms)), 1)}
 
 
 def scale_test(words_dir: Path, out: Path, n: int, queries: list[np.ndarray]) -> dict:
@@ -135,6 +176,7 @@ def main() -> int:
     ap.add_argument("--rerank", type=int, default=50)
     ap.add_argument("--work", type=Path, default=Path("/tmp/simsearch-catalog-bench"))
     ap.add_argument("--skip-all-vs-all", action="store_true")
+    ap.add_argument("--regions", action="store_true", help="Also measure query region descriptors (15 views).")
     ap.add_argument("--scale", type=int, default=0, help="Also time the visual words at this many images (1000000).")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -187,6 +229,11 @@ def main() -> int:
             print()
             print(format_table(res, f"== {name}: {len(queries)} queries, catalog of {n_cat} images, rerank "
                                     f"{args.rerank}"))  # fmt: skip
+            if args.regions:
+                reg = evaluate_regions(idx, queries, args.rerank)
+                res["regions"] = reg
+                print(f"regions (15 views of the query, max over views): P@1 {reg['p_at_1']:.3f}, R@10 "
+                      f"{reg['r_at_10']:.3f}, R@50 {reg['r_at_50']:.3f}, {reg['ms']} ms per query")  # fmt: skip
         info = idx.info()
     if not args.skip_all_vs_all:
         ava = work / "all-vs-all"
