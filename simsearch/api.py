@@ -34,11 +34,14 @@ class Match:
     id: int
     inliers: int | None = None  # RANSAC inliers against the query, when re-ranked
     time_s: float | None = None  # a video: seconds into it of the frame that matched best
+    stage: str | None = None  # re-ranked searches: the first stage that found it, "global", "words" or "both"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "score": round(self.score, 6)}
         if self.inliers is not None:
             out["inliers"] = self.inliers
+        if self.stage is not None:
+            out["stage"] = self.stage
         if self.time_s is not None:
             out["time_s"] = round(self.time_s, 3)
         return out
@@ -63,6 +66,7 @@ class SimIndex:
         self._embedder: Any = None
         self._options = embedder_options or {}
         self._features: Any = None  # spatial.rerank.FeatureSource, made on the first re-ranked search
+        self._words: Any = None  # spatial.words.WordIndex, opened on the first re-ranked search that has one
         self._video_cache: tuple[int, set[str]] | None = None
 
     # ---- construction -----------------------------------------------------------------------------------------
@@ -171,6 +175,9 @@ class SimIndex:
         return self._embedder
 
     def close(self) -> None:
+        if self._words is not None:
+            self._words.close()
+            self._words = None
         if self._features is not None:
             self._features.close()
             self._features = None
@@ -241,6 +248,14 @@ class SimIndex:
             raise SyncInterrupted(report) from None
         size = sum(f.stat().st_size for f in self.store.path.glob(FEATURES_DB + "*"))
         counts["bytes_per_image"] = round(size / max(1, counts["stored"]))
+        from .spatial.words import sync_words
+
+        try:
+            words = sync_words(self.store.path, progress)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            raise SyncInterrupted(report) from None
+        counts["words"] = words
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         report.local_features = counts
         report.seconds += counts["seconds"]
@@ -322,10 +337,99 @@ class SimIndex:
             raise BadInputError("rerank must be 0 (off) or a number of candidates")
         if self._is_video(query):
             return self.search_video(query, k, min_score)[:k]
-        matches = self.search_vectors(
-            self.vector_for(query)[None], max(k, rerank), min_score, self._self_id(query), nprobe, exact
-        )[0]
-        return self.rerank(query, matches, k) if rerank else matches[:k]
+        vec = self.vector_for(query)
+        matches = self.search_vectors(vec[None], max(k, rerank), min_score, self._self_id(query), nprobe, exact)[0]
+        if not rerank:
+            return matches[:k]
+        qf = self.query_features(query) if self.has_words() else None
+        found = self.first_stage(vec, matches, rerank, qf, min_score)
+        return self.prepare_rerank(query, found, qf=qf).run(k)[0]
+
+    def has_words(self) -> bool:
+        """Whether the index keeps visual words (built with local features): re-ranked searches then use them."""
+        from .spatial.words import WordIndex
+
+        return WordIndex.exists(self.store.path)
+
+    def _word_index(self) -> Any:
+        from .spatial.words import WordIndex
+
+        if self._words is None:
+            self._words = WordIndex.open(self.store.path)
+        return self._words
+
+    def query_features(self, query: Any, may_read: Callable[[str], bool] | None = None) -> Any:
+        """Local features of a query: stored ones for an unchanged indexed file, else extracted from the image."""
+        from .images import ImageLoadError
+        from .spatial.local_features import require_cv2
+        from .spatial.rerank import FeatureSource
+
+        require_cv2()
+        if self._features is None:
+            self._features = FeatureSource(self.store.path)
+        row = self._query_row(query)
+        if row is not None:
+            f = self._features.features([(row.sha256, row.path)], may_read)[0]
+            if f is not None:
+                return f
+        if isinstance(query, (int, np.integer)):
+            raise BadInputError(f"image {query}: its file cannot be read for re-ranking (gone, changed or not "
+                                "served); search without rerank")  # fmt: skip
+        source = query
+        if isinstance(query, str) and is_url(query):
+            from .sources.remote import read_object
+
+            try:
+                source = read_object(query)[0]
+            except (OSError, ValueError) as e:
+                raise BadInputError(f"cannot read {query}: {e}") from None
+        elif isinstance(query, (str, Path)):
+            source = str(Path(query).expanduser())
+        try:
+            return self._features.extract(source)
+        except ImageLoadError as e:
+            raise BadInputError(str(e)) from None
+
+    def word_matches(self, query_features: Any, n: int, vector: np.ndarray | None = None) -> list[Match]:
+        """The n indexed images sharing the most visual words with a query (its local features), best first, each
+        with its cosine to `vector` (the query's embedding; 0 without it) and stage "words". Empty without words."""
+        if not self.has_words() or query_features is None:
+            return []
+        hits = self._word_index().search_descriptors(query_features.unit_descriptors(), n)
+        rank = {sha: r for r, (sha, _) in enumerate(hits)}
+        rows = sorted(self.store.rows_by_sha(list(rank)), key=lambda r: (rank[r.sha256], r.id))[:n]
+        if not rows:
+            return []
+        if vector is not None:
+            scores = self.store.vectors([r.id for r in rows]) @ _checked_vectors(vector, self.store.dim, "query")[0]
+        else:
+            scores = np.zeros(len(rows), np.float32)
+        return [Match(r.path, float(min(1.0, max(-1.0, s))), r.id, stage="words")
+                for r, s in zip(rows, scores, strict=True)]  # fmt: skip
+
+    def first_stage(
+        self,
+        vector: np.ndarray,
+        global_matches: list[Match],
+        n: int,
+        query_features: Any = None,
+        min_score: float | None = None,
+    ) -> list[Match]:
+        """Candidates for re-ranking: the global matches fused (reciprocal-rank fusion) with the top n of the visual
+        words when the index keeps them, each with its `stage`; the first max(n, len(global_matches)) of the fusion
+        (so re-ranking N costs what it did without words); without visual words, the global matches."""
+        from .spatial.fusion import fuse
+
+        words = self.word_matches(query_features, n, vector)
+        if min_score is not None:
+            words = [m for m in words if m.score >= min_score]
+        by_id = {m.id: m for m in words}
+        by_id.update({m.id: m for m in global_matches})
+        out = []
+        for c in fuse([m.id for m in global_matches], [m.id for m in words], max(n, len(global_matches))):
+            m = by_id[c.id]
+            out.append(Match(m.path, m.score, m.id, m.inliers, m.time_s, c.stage))
+        return out
 
     def rerank(self, query: Any, matches: list[Match], k: int | None = None) -> list[Match]:
         """`matches` re-ordered by geometric verification against `query` (a path, bytes, PIL image, array or
@@ -333,11 +437,12 @@ class SimIndex:
         return self.prepare_rerank(query, matches).run(k)[0]
 
     def prepare_rerank(
-        self, query: Any, matches: list[Match], may_read: Callable[[str], bool] | None = None
+        self, query: Any, matches: list[Match], may_read: Callable[[str], bool] | None = None, qf: Any = None
     ) -> RerankJob:
         """The index reads of a re-ranking (candidates' rows, the query's stored features), so that the slow part,
         `RerankJob.run`, needs no access to the store (a server runs it without holding its lock). `may_read(path)`
-        says which indexed files may be read for features that are not stored."""
+        says which indexed files may be read for features that are not stored; `qf`: the query's features when
+        they are at hand."""
         from .spatial.local_features import require_cv2
         from .spatial.rerank import FeatureSource
 
@@ -348,8 +453,9 @@ class SimIndex:
         rows = self.store.rows([m.id for m in matches])
         live = [m for m in matches if m.id in rows]
         items = [(rows[m.id].sha256, rows[m.id].path) for m in live]
-        qrow = self._query_row(query)
-        qf = self._features.features([(qrow.sha256, qrow.path)], may_read)[0] if qrow is not None else None
+        if qf is None:
+            qrow = self._query_row(query)
+            qf = self._features.features([(qrow.sha256, qrow.path)], may_read)[0] if qrow is not None else None
         return RerankJob(self._features, query, qf, live, items, may_read)
 
     def _query_row(self, query: Any) -> Any:
@@ -558,6 +664,9 @@ class SimIndex:
 
         lf = sum(size for name, size in files.items() if name.startswith(FEATURES_DB))
         m["local_features"] = {"bytes": lf, "bytes_per_image": round(lf / n)} if lf else None
+        if self.has_words():
+            wi = self._word_index()
+            m["visual_words"] = {**wi.settings(), **wi.disk_bytes()}
         return m
 
 
@@ -616,8 +725,10 @@ class RerankJob:
             cands = self.features.features(self.items[a : a + self.CHUNK], self.may_read)
             for i, v in enumerate(verify_candidates(qf, cands), a):
                 inliers[i] = v.inliers
-        order = rerank_order([m.score for m in self.live], [n or 0 for n in inliers])
-        out = [Match(self.live[i].path, self.live[i].score, self.live[i].id, inliers[i]) for i in order]
+        fused = any(m.stage is not None for m in self.live)  # unverified fused candidates: back in cosine order
+        order = rerank_order([m.score for m in self.live], [n or 0 for n in inliers], rest_by_score=fused)
+        out = [Match(self.live[i].path, self.live[i].score, self.live[i].id, inliers[i], stage=self.live[i].stage)
+               for i in order]  # fmt: skip
         checked = sum(n is not None for n in inliers)
         info = {"candidates": len(self.live), "checked": checked, "complete": checked == len(self.live)}
         return (out if k is None else out[:k]), info

@@ -134,7 +134,10 @@ def index_cmd(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray workers (default one per node).")] = None,
     local_features: Annotated[
         bool,
-        typer.Option("--local-features", help="Also store local features (faster `query --rerank`); kept in sync."),
+        typer.Option(
+            "--local-features",
+            help="Also store local features and visual words (faster `query --rerank`, catalog lookup); kept in sync.",
+        ),
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -225,6 +228,11 @@ def index_cmd(
         lf = report.local_features
         typer.echo(f"Local features: {lf['extracted']} extracted, {lf['pruned']} dropped, {lf['stored']} stored "
                    f"({lf['bytes_per_image']} bytes per image).")  # fmt: skip
+        if lf.get("words"):
+            w = lf["words"]
+            trained = ", vocabulary trained" if w["trained"] else ""
+            typer.echo(f"Visual words: {w['added']} added, {w['dropped']} dropped, {w['docs']} images, "
+                       f"{w['words']} words ({w['bytes_per_image']} bytes per image{trained}).")  # fmt: skip
     if report.ray and report.ray["shards"]:
         typer.echo(f"Embedded on Ray at {report.ray['address']}: {report.ray['workers']} workers, "
                    f"{report.ray['shards']} shards.")  # fmt: skip
@@ -249,7 +257,12 @@ def query_cmd(
     exact: Annotated[bool, typer.Option("--exact", help="Search every stored vector exactly.")] = False,
     rerank: Annotated[
         int,
-        typer.Option("--rerank", min=0, help="Verify the top N geometrically (same object/scene first); 0 = off."),
+        typer.Option(
+            "--rerank",
+            min=0,
+            help="Verify the top N geometrically (same object/scene first), plus the top N by visual words when the "
+            "index keeps local features; 0 = off.",
+        ),
     ] = 0,
     as_json: JsonFlag = False,
 ) -> None:
@@ -281,7 +294,8 @@ def query_cmd(
             typer.echo("  (no matches)")
         for rank, m in enumerate(r["matches"], 1):
             inl = f"  {m['inliers']:>4} inliers" if "inliers" in m else ""
-            typer.echo(f"  {rank:>3}  {m['score']:.4f}{inl}  {m['path']}")
+            stage = f"  {m['stage']:<6}" if "stage" in m else ""
+            typer.echo(f"  {rank:>3}  {m['score']:.4f}{inl}{stage}  {m['path']}")
 
 
 @app.command("info")
@@ -308,6 +322,9 @@ def info_cmd(
     typer.echo(f"{'disk:':<13}{data['disk']['bytes_per_image']} bytes per image ({data['disk']['total_bytes']} in all)")
     if data.get("local_features"):
         typer.echo(f"{'local feat.:':<13}{data['local_features']['bytes_per_image']} bytes per image (query --rerank)")
+    if data.get("visual_words"):
+        w = data["visual_words"]
+        typer.echo(f"{'vis. words:':<13}{w['words']} words, {w['docs']} images, {w['bytes_per_image']} bytes per image")
     typer.echo(f"{'images:':<13}{data['counts']['images']}")
     typer.echo(f"{'failed:':<13}{data['counts']['failed']}")
 
@@ -628,7 +645,9 @@ def train_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    folder: Annotated[Path, typer.Argument(help="Labelled images: one subfolder per label (or --labels CSV).")],
+    folder: Annotated[
+        Path | None, typer.Argument(help="Labelled images: one subfolder per label (or --labels CSV).")
+    ] = None,
     backbone: Annotated[
         list[str] | None, typer.Option("--backbone", "-b", help="Backbone name or MODEL_DIR (repeatable).")
     ] = None,
@@ -641,11 +660,38 @@ def eval_cmd(
         Path | None, typer.Option("--heldout", help="Evaluate only the validation files of this MODEL_DIR.")
     ] = None,
     as_json: JsonFlag = False,
+    catalog: Annotated[
+        Path | None, typer.Option("--catalog", help="Catalog mode: folder of catalog images (file stem = item).")
+    ] = None,
+    queries: Annotated[
+        Path | None, typer.Option("--queries", help="Catalog mode: folder of query photos (same stem as the item).")
+    ] = None,
+    mapping: Annotated[
+        Path | None, typer.Option("--mapping", help="Catalog mode: CSV of query,catalog file names instead of stems.")
+    ] = None,
+    distractors: Annotated[
+        Path | None, typer.Option("--distractors", help="Catalog mode: more catalog images that answer no query.")
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", "-i", help="Catalog mode: keep (and reuse) the catalog index here.")
+    ] = None,
+    rerank: Annotated[int, typer.Option("--rerank", min=1, help="Catalog mode: candidates per stage.")] = 50,
 ) -> None:
-    """Retrieval quality of backbones on labelled images, side by side: mAP, P@1, recall@k, threshold."""
+    """Retrieval quality of backbones on labelled images, side by side: mAP, P@1, recall@k, threshold.
+
+    Catalog mode (--catalog DIR --queries DIR): P@1, R@10, R@50 of each stage of `query --rerank N` (global,
+    visual words, fused, re-ranked) for photos of catalog items, so you can measure your own catalog."""
+    if catalog is not None or queries is not None:
+        from .catalog import eval_catalog_cli
+
+        eval_catalog_cli(catalog, queries, mapping=mapping, distractors=distractors, index=index, rerank=rerank,
+                         backbone=backbone, weights=weights, folder=folder, as_json=as_json)  # fmt: skip
+        return
     from .progress import display
     from .training.evaluation import evaluate
 
+    if folder is None:
+        raise BadInputError("give a FOLDER of labelled images, or --catalog DIR --queries DIR")
     if not folder.expanduser().is_dir():
         raise BadInputError(f"folder not found: {folder}")
     with display() as shown:

@@ -63,6 +63,7 @@ def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
         check("search structure", True, "flat: exact search over the vectors, no structure to check")
     conn.close()
     repaired = _check_local_features(path, check, repair)
+    repaired = _check_visual_words(path, check, repair) or repaired
     if repair and not search_ok and vectors_ok:
         m = dict(manifest, search={"kind": "flat", "factory": None})
         (path / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
@@ -78,8 +79,23 @@ def verify(path: str | Path, repair: bool = False) -> dict[str, Any]:
             checks.append({"name": "repair", "ok": False, "detail": str(e)})
         finally:
             store.close()
-    ok = all(c["ok"] for c in checks if not (repaired and c["name"] in ("search structure", "local features")))
+    fixed = ("search structure", "local features", "visual words")
+    ok = all(c["ok"] for c in checks if not (repaired and c["name"] in fixed))
     return {"path": str(path), "ok": ok, "checks": checks, "repaired": repaired}
+
+
+def _check_visual_words(path: Path, check: Any, repair: bool) -> bool:
+    """The visual-words inverted file is sound; `repair` removes a damaged one (the next index run rebuilds it)."""
+    import shutil
+
+    from ..spatial.words import WORDS_DIR, check_words
+
+    found = check_words(path)
+    if found is None or check("visual words", *found) or not repair:
+        return False
+    shutil.rmtree(path / WORDS_DIR)
+    check("repair", True, f"removed the damaged {WORDS_DIR}; `simsearch index` rebuilds it")
+    return True
 
 
 def _check_local_features(path: Path, check: Any, repair: bool) -> bool:

@@ -20,11 +20,16 @@ class MatchOut(BaseModel):
     width: int | None
     height: int | None
     inliers: int | None = Field(None, description="RANSAC inliers against the query (only with rerank).")
+    stage: str | None = Field(
+        None, description="Only with rerank: the first stage that found it, global, words (visual words) or both."
+    )
     time_s: float | None = Field(None, description="A video: seconds into it of the best-matching frame.")
 
 
 class RerankOut(BaseModel):
-    candidates: int = Field(description="Candidates to verify (the top `rerank` of the global ranking).")
+    candidates: int = Field(
+        description="Candidates to verify (the top `rerank` of the global ranking, fused with the visual words')."
+    )
     checked: int = Field(description="Candidates verified before the time limit; the others have no `inliers`.")
     complete: bool = Field(description="Whether every candidate was verified in time.")
 

@@ -252,9 +252,22 @@ class ServeState:
             idx = self.index()
             _faiss_threads(1)
             matches = idx.search(image_id, k=max(k, rerank), min_score=min_score)
-            job = idx.prepare_rerank(image_id, matches, self._may_read(idx)) if rerank else None
+            job = self._rerank_job(idx, image_id, None, matches, rerank, min_score) if rerank else None
         return self._finish_search(job, matches, k, {"query": q.path, "query_id": q.id, "width": q.width,
                                                       "height": q.height})  # fmt: skip
+
+    def _rerank_job(
+        self, idx: SimIndex, query: Any, vec: Any, matches: list[Match], rerank: int, min_score: float | None
+    ) -> Any:
+        """The re-ranking of a search: with visual words in the index, of the global and words rankings fused (the
+        query's local features are then extracted here, under the lock), else of the global matches."""
+        may_read = self._may_read(idx)
+        if not idx.has_words():
+            return idx.prepare_rerank(query, matches, may_read)
+        qf = idx.query_features(query, may_read)
+        vec = idx.vector_for(query) if vec is None else vec
+        found = idx.first_stage(vec, matches, rerank, qf, min_score)
+        return idx.prepare_rerank(query, found, may_read, qf=qf)
 
     @staticmethod
     def _may_read(idx: SimIndex) -> Callable[[str], bool]:
@@ -288,7 +301,7 @@ class ServeState:
             idx = self.index()
             _faiss_threads(1)
             matches = idx.search_vectors(vec, k=max(k, rerank), min_score=min_score)[0]
-            job = idx.prepare_rerank(data, matches, self._may_read(idx)) if rerank else None
+            job = self._rerank_job(idx, data, vec[0], matches, rerank, min_score) if rerank else None
         return self._finish_search(job, matches, k, {"query": name or "upload", "query_id": None, "width": w,
                                                       "height": h})  # fmt: skip
 
@@ -407,6 +420,7 @@ def _matches(matches: list[Match], rows: dict[int, Row]) -> list[dict[str, Any]]
         out.append({"id": m.id, "path": m.path, "score": round(m.score, 6),
                     "width": r.width if r else None, "height": r.height if r else None,
                     **({"inliers": m.inliers} if m.inliers is not None else {}),
+                    **({"stage": m.stage} if m.stage is not None else {}),
                     **({"time_s": round(m.time_s, 3)} if m.time_s is not None else {})})  # fmt: skip
     return out
 

@@ -109,9 +109,12 @@ def verify_candidates(
     return out
 
 
-def rerank_order(scores: Sequence[float], inliers: Sequence[int]) -> list[int]:
-    """Positions in re-ranked order: verified first by inliers (ties: global score), then the rest as they were."""
+def rerank_order(scores: Sequence[float], inliers: Sequence[int], rest_by_score: bool = False) -> list[int]:
+    """Positions in re-ranked order: verified first by inliers (ties: global score), then the rest as they were
+    (or, with `rest_by_score`, by global score: fused candidates that are not verified fall back to it)."""
     verified = [i for i, n in enumerate(inliers) if n >= MIN_INLIERS]
     rest = [i for i, n in enumerate(inliers) if n < MIN_INLIERS]
     verified.sort(key=lambda i: (-inliers[i], -scores[i], i))
+    if rest_by_score:
+        rest.sort(key=lambda i: (-scores[i], i))
     return verified + rest
