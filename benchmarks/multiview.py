@@ -11,6 +11,10 @@
 - `covers` (real): 50 objects, a clean reference scan plus 4 phone photos each; the first `--train-objects`
   (seeded shuffle) go to OUT/train, the rest to OUT/test, as symlinks (nothing is copied).
 
+- `clothing` (real, class-level): the clothing set's labelled photos (without "Not sure", "Skip", "Other") as
+  OUT/train/<label>/ and OUT/test/<label>/ symlinks; `--split labels` puts 4 whole labels (seeded) in test,
+  `--split images` 20% of every label's photos.
+
 Labels are the first-level subfolders, as `simsearch train` and `simsearch eval` read them.
 """
 
@@ -68,9 +72,25 @@ def covers(root: Path, out: Path, train_objects: int, seed: int) -> None:
                 (d / f"{dev.name}.jpg").symlink_to(src.absolute())
 
 
+def clothing(root: Path, out: Path, split_by: str, seed: int) -> None:
+    """Symlink the clothing set's labelled photos into OUT/{train,test}/<label>/, split by labels or by images."""
+    rows = [(root / "images" / f"{r['image']}.jpg", r["label"]) for r in csv.DictReader(open(root / "images.csv"))
+            if r["label"] not in {"Not sure", "Skip", "Other"}]  # fmt: skip
+    rows = [(p, lab) for p, lab in rows if p.is_file()]
+    rng = np.random.default_rng(seed)
+    labels = sorted({lab for _, lab in rows})
+    test_labels = set(rng.choice(labels, 4, replace=False).tolist()) if split_by == "labels" else set()
+    for p, lab in rows:
+        test = lab in test_labels if split_by == "labels" else rng.random() < 0.2
+        d = out / ("test" if test else "train") / lab.replace("/", "-")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / p.name).symlink_to(p.absolute())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["synthetic", "covers"])
+    ap.add_argument("kind", choices=["synthetic", "covers", "clothing"])
+    ap.add_argument("--split", choices=["labels", "images"], default="labels")
     ap.add_argument("source", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--train-items", type=int, default=400)
@@ -83,8 +103,10 @@ def main() -> None:
         raise SystemExit(f"{a.out} exists")
     if a.kind == "synthetic":
         synthetic(a.source, a.out, a.train_items, a.test_items, a.views, a.seed)
-    else:
+    elif a.kind == "covers":
         covers(a.source, a.out, a.train_objects, a.seed)
+    else:
+        clothing(a.source, a.out, a.split, a.seed)
 
 
 if __name__ == "__main__":

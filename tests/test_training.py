@@ -412,3 +412,18 @@ def test_proxy_anchor_loss_rewards_embeddings_near_their_own_proxies() -> None:
     with tf.GradientTape() as tape:
         value = loss(tf.constant(near), tf.constant(np.roll(y, 4)))
     assert np.all(np.isfinite(tape.gradient(value, loss.proxies).numpy()))
+
+
+def test_viewpoint_views_are_seeded_and_unfreeze_moves_the_cut(labelled: Path) -> None:
+    from simsearch.models.backbones import load_backbone
+    from simsearch.training.finetune import augmented_view, split_backbone
+
+    p = str(sorted(labelled.rglob("*.jpg"))[0])
+    a = augmented_view(p, 48, "resize", np.random.default_rng(3), "viewpoint")
+    b = augmented_view(p, 48, "resize", np.random.default_rng(3), "viewpoint")
+    c = augmented_view(p, 48, "resize", np.random.default_rng(3), "light")
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and not np.array_equal(a, c)
+    bb = load_backbone("efficientnet-lite0", weights=None, input_size=SIZE)
+    _, up25, cut25 = split_backbone(bb.model, 0.25)
+    _, up50, cut50 = split_backbone(bb.model, 0.5)
+    assert cut25 == "block14_add" and cut50 != cut25 and up50.count_params() > up25.count_params()
