@@ -601,12 +601,18 @@ def train_cmd(
     refit: Annotated[
         bool, typer.Option("--refit/--no-refit", help="After selection on held-out labels, retrain on all labels.")
     ] = True,
-    whiten: Annotated[float, typer.Option("--whiten", help="PCA whitening of the head's start, 0 (off) to 1.")] = 0.0,
+    whiten: Annotated[float, typer.Option("--whiten", help="PCA whitening of the head's start, 0 (off) to 1.")] = 1.0,
     augment: Annotated[
         str, typer.Option("--augment", help="finetune views: light (crop, flip, colour) or viewpoint (+ perspective).")
     ] = "light",
     unfreeze: Annotated[float, typer.Option("--unfreeze", help="finetune: least share of weights trained.")] = 0.25,
     views: Annotated[int, typer.Option("--views", min=1, help="finetune: cached views per image.")] = 4,
+    head_views: Annotated[
+        int, typer.Option("--head-views", min=0, help="head: augmented views per image (features cached).")
+    ] = 0,
+    pooling: Annotated[str, typer.Option("--pooling", help="Backbone pooling under the head: rmac, avg, max, gem.")] = (
+        "rmac"
+    ),
     as_json: JsonFlag = False,
 ) -> None:
     """Adapt a backbone to your labelled images; the MODEL_DIR then works as --backbone everywhere."""
@@ -619,7 +625,8 @@ def train_cmd(
         res = train(folder, out, backbone=backbone, weights=weights, mode=mode, dim=dim, epochs=epochs,
                     val_split=val_split, split_by=split_by, seed=seed, labels=labels, loss=loss,
                     overwrite=overwrite, input_size=input_size, progress=shown.train, refit=refit,
-                    whiten=whiten, augment=augment, unfreeze=unfreeze, views=views)  # fmt: skip
+                    whiten=whiten, augment=augment, unfreeze=unfreeze, views=views,
+                    head_views=head_views, pooling=pooling)  # fmt: skip
     if as_json:
         _emit(res.to_json())
     else:
@@ -669,13 +676,13 @@ def eval_cmd(
         results = evaluate(folder, backbone or ["efficientnet-lite0"], labels=labels, weights=weights,
                            target_precision=target_precision, heldout=heldout,
                            progress=lambda ph, d, t: shown.update(ph, d, t, unit="img"))  # fmt: skip
-    if as_json:
-        _emit({"results": results})
-        return
     for r in results:
         if r.get("heldout_trained_on"):
             typer.echo(f"simsearch: warning: {r['backbone']} was refit on all labels, its held-out files too: these "
                        "figures are not held-out ones (train --no-refit keeps them unseen)", err=True)  # fmt: skip
+    if as_json:
+        _emit({"results": results})
+        return
     typer.echo(f"{'backbone':<40}{'images':>7}{'labels':>7}{'mAP':>8}{'P@1':>8}{'R@5':>8}{'R@10':>8}"
                f"  threshold@{target_precision:g} (recall)")  # fmt: skip
     for r in results:

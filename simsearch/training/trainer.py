@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInputError
-from ..models.backbones import DEFAULT_BACKBONE, resolve_backbone
+from ..models.backbones import DEFAULT_BACKBONE, DEFAULT_POOLING, resolve_backbone
 from ..models.embedder import DEFAULT_FIT
 from .labels import LabelledSet, Split, load_labelled, split
 from .metrics import retrieval_metrics
@@ -83,13 +83,14 @@ def train(
     weight_decay: float = 1e-4,
     views: int = 4,
     fit: str = DEFAULT_FIT,
-    pooling: str = "avg",
+    pooling: str = DEFAULT_POOLING,
     input_size: int | None = None,
     progress: TrainProgress | None = None,
     refit: bool = True,
-    whiten: float = 0.0,
+    whiten: float = 1.0,
     augment: str = "light",
     unfreeze: float = 0.25,
+    head_views: int = 0,
 ) -> TrainResult:
     """Adapt `backbone` to the labelled images of `folder` and write a MODEL_DIR to `out` (see module docs).
 
@@ -115,6 +116,8 @@ def train(
 
     if augment not in AUGMENTS:
         raise BadInputError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if head_views < 0:
+        raise BadInputError("--head-views must be 0 or more")
     if not 0.0 < unfreeze < 1.0:
         raise BadInputError(f"--unfreeze must be in (0, 1), got {unfreeze}")
     if not 0.0 <= whiten <= 1.0:
@@ -157,6 +160,14 @@ def train(
     row = {int(i): r for r, i in enumerate(ok)}  # data index -> feature row
     y_tr, y_va = lab_all[tr], lab_all[va]
     f_tr, f_va = feats[[row[i] for i in tr]], feats[[row[i] for i in va]]
+    x_tr = x_va = None
+    if head_views > 0 and mode == "head":
+        from .features import augmented_features
+
+        xv = augmented_features(emb, [data.paths[i] for i in ok], head_views, augment, seed,
+                                lambda ph, d, t: note("views", d, t, {}))  # fmt: skip
+        x_tr, x_va = xv[[row[i] for i in tr]], xv[[row[i] for i in va]]
+        lap("views")
     before = retrieval_metrics(f_va, y_va, target_precision=None)
 
     from ..models._keras import keras
@@ -165,7 +176,7 @@ def train(
     k.utils.set_random_seed(seed)
     _, y_tr_dense = np.unique(y_tr, return_inverse=True)
     head_cfg = cfg if mode == "head" else DEFAULTS["head"]
-    fitter = _HeadFit(f_tr, y_tr_dense, dim, dropout, seed, loss, head_cfg["lr"], weight_decay, whiten)
+    fitter = _HeadFit(f_tr, y_tr_dense, dim, dropout, seed, loss, head_cfg["lr"], weight_decay, whiten, x_tr)
     head = fitter.head
     init = retrieval_metrics(fitter.embed(f_va), y_va, target_precision=None)
     rng = np.random.default_rng(seed)
@@ -203,7 +214,8 @@ def train(
         _, y_all = np.unique(lab_all[everything], return_inverse=True)
         f_all = np.concatenate([f_tr, f_va])
         k.utils.set_random_seed(seed)
-        refitter = _HeadFit(f_all, y_all, dim, dropout, seed, loss, head_cfg["lr"], weight_decay, whiten)
+        x_all = None if x_tr is None else np.concatenate([x_tr, x_va])
+        refitter = _HeadFit(f_all, y_all, dim, dropout, seed, loss, head_cfg["lr"], weight_decay, whiten, x_all)
         r_rng = np.random.default_rng(seed + 1)
         r_state = _Loop(history, note, warnings, select=False)
         r_state.run("refit-head", head_epochs, head_epochs, lambda: refitter.epoch(head_cfg["batch_size"], r_rng),
@@ -224,7 +236,7 @@ def train(
         lap("refit")
     chosen = {"mode": tag, "loss": loss, "head_epochs": head_epochs, "finetune_epochs": ft_epochs or None,
               "cut": cut if tag == "finetune" else None, "whiten": whiten,
-              "augment": augment if tag == "finetune" else None,
+              "augment": augment if tag == "finetune" or head_views else None, "head_views": head_views,
               "refit": bool(refit_info["done"])}  # fmt: skip
 
     # ---- export --------------------------------------------------------------------------------------------------
@@ -243,7 +255,7 @@ def train(
             "mode": mode, "loss": loss, "files": len(tr) + len(va), "labels": len(set(data.labels)),
             "files_digest": data.digest(), "split": sp.to_json(data), "best_epoch": best.get("epoch"),
             "best_phase": tag, "epochs_run": len(history), "cut": cut, "views": views if mode == "finetune" else None,
-            "augment": augment if mode == "finetune" else None,
+            "augment": augment if mode == "finetune" or head_views else None, "head_views": head_views,
             "params": {**cfg, "dim": dim, "dropout": dropout, "weight_decay": weight_decay, "whiten": whiten},
             "interrupted": state.interrupted, "refit": refit_info, "chosen": chosen,
         },
@@ -285,12 +297,12 @@ class _HeadFit:
     """A projection head and its loss on (n, d) features with dense labels: one epoch, embed, snapshot, restore."""
 
     def __init__(self, f: np.ndarray, y: np.ndarray, dim: int, dropout: float, seed: int, loss: str, lr: float,
-                 weight_decay: float, whiten: float) -> None:  # fmt: skip
+                 weight_decay: float, whiten: float, extra: np.ndarray | None = None) -> None:  # fmt: skip
         from ..models._keras import keras, tensorflow
         from .heads import build_head, class_means, make_loss, pca_init
 
         k, tf = keras(), tensorflow()
-        self.f, self.y, self.loss = f, y, loss
+        self.f, self.y, self.loss, self.extra = f, y, loss, extra
         n_labels = int(y.max()) + 1
         self.head = build_head(f.shape[1], dim, dropout, seed, pca_init(f, dim, whiten))
         self.loss_fn = make_loss(loss, n_labels, dim, seed, init=class_means(self.embed(f), y, n_labels))
@@ -314,7 +326,16 @@ class _HeadFit:
     def epoch(self, batch_size: int, rng: np.random.Generator) -> list[float]:
         from .heads import batches
 
-        return [float(self._step(self.f[b], self.y[b])) for b in batches(self.y, batch_size, self.loss, rng)]
+        out = []
+        for b in batches(self.y, batch_size, self.loss, rng):
+            x = self.f[b]
+            if self.extra is not None:  # each image: its plain feature or one of its augmented views' (1 in V+1)
+                v = rng.integers(0, self.extra.shape[1] + 1, size=len(b))
+                aug = v > 0
+                x = x.copy()
+                x[aug] = self.extra[b[aug], v[aug] - 1]
+            out.append(float(self._step(x, self.y[b])))
+        return out
 
     def embed(self, f: np.ndarray) -> np.ndarray:
         return np.asarray(self.head(f, training=False))
