@@ -609,10 +609,27 @@ def train_cmd(
         str, typer.Option("--split", help="labels (hold out whole labels: new items) or images (of every label).")
     ] = "labels",
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV of path,label instead of subfolders.")] = None,
-    loss: Annotated[str, typer.Option("--loss", help="ms (multi-similarity) or proxy (normalised softmax).")] = "ms",
+    loss: Annotated[
+        str, typer.Option("--loss", help="ms (multi-similarity), proxy (normalised softmax) or proxy-anchor.")
+    ] = "ms",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the split, initialisation and augmentation.")] = 0,
     input_size: Annotated[int | None, typer.Option("--input-size", min=32, help="Model input size.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    refit: Annotated[
+        bool, typer.Option("--refit/--no-refit", help="After selection on held-out labels, retrain on all labels.")
+    ] = True,
+    whiten: Annotated[float, typer.Option("--whiten", help="PCA whitening of the head's start, 0 (off) to 1.")] = 1.0,
+    augment: Annotated[
+        str, typer.Option("--augment", help="finetune views: light (crop, flip, colour) or viewpoint (+ perspective).")
+    ] = "light",
+    unfreeze: Annotated[float, typer.Option("--unfreeze", help="finetune: least share of weights trained.")] = 0.25,
+    views: Annotated[int, typer.Option("--views", min=1, help="finetune: cached views per image.")] = 4,
+    head_views: Annotated[
+        int, typer.Option("--head-views", min=0, help="head: augmented views per image (features cached).")
+    ] = 0,
+    pooling: Annotated[str, typer.Option("--pooling", help="Backbone pooling under the head: rmac, avg, max, gem.")] = (
+        "rmac"
+    ),
     as_json: JsonFlag = False,
 ) -> None:
     """Adapt a backbone to your labelled images; the MODEL_DIR then works as --backbone everywhere."""
@@ -624,7 +641,9 @@ def train_cmd(
     with display() as shown:
         res = train(folder, out, backbone=backbone, weights=weights, mode=mode, dim=dim, epochs=epochs,
                     val_split=val_split, split_by=split_by, seed=seed, labels=labels, loss=loss,
-                    overwrite=overwrite, input_size=input_size, progress=shown.train)  # fmt: skip
+                    overwrite=overwrite, input_size=input_size, progress=shown.train, refit=refit,
+                    whiten=whiten, augment=augment, unfreeze=unfreeze, views=views,
+                    head_views=head_views, pooling=pooling)  # fmt: skip
     if as_json:
         _emit(res.to_json())
     else:
@@ -635,6 +654,11 @@ def train_cmd(
             f"P@1 {m['val_p_at_1_before']:.4f} -> {m['val_p_at_1']:.4f} (best epoch {t['best_epoch']} of "
             f"{t['epochs_run']}, {t['best_phase']})."
         )
+        c, r = res.chosen, t.get("refit") or {}
+        ft = f" + finetune {c['finetune_epochs']} epochs (cut {c['cut']})" if c.get("finetune_epochs") else ""
+        again = f"refit on all {r['images']} images of {r['labels']} labels" if r.get("done") else "no refit"
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
+        typer.echo(f"Chose {c['mode']}: head {c['head_epochs']} epochs{ft}; {again}. Time per phase: {phases}.")
         for w in res.warnings:
             typer.echo(f"simsearch: warning: {w}", err=True)
         typer.echo(f"Index with it: simsearch index FOLDER --backbone {res.model_dir}")
@@ -698,6 +722,10 @@ def eval_cmd(
         results = evaluate(folder, backbone or ["efficientnet-lite0"], labels=labels, weights=weights,
                            target_precision=target_precision, heldout=heldout,
                            progress=lambda ph, d, t: shown.update(ph, d, t, unit="img"))  # fmt: skip
+    for r in results:
+        if r.get("heldout_trained_on"):
+            typer.echo(f"simsearch: warning: {r['backbone']} was refit on all labels, its held-out files too: these "
+                       "figures are not held-out ones (train --no-refit keeps them unseen)", err=True)  # fmt: skip
     if as_json:
         _emit({"results": results})
         return

@@ -43,7 +43,7 @@ def _describe(phase: str, info: dict[str, Any]) -> str:
         parts = [f"{info.get('phase', 'train')} epoch"]
         if "loss" in info:
             parts.append(f"loss {info['loss']:.4f}")
-        if "val_map" in info:
+        if info.get("val_map") is not None:
             parts.append(f"val mAP {info['val_map']:.4f}")
         return "  ".join(parts)
     return {"features": "backbone features", "views": "augmented views", "views-val": "validation views"}.get(

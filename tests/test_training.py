@@ -75,7 +75,9 @@ def trained(labelled: Path, tmp_path_factory: pytest.TempPathFactory):
     from simsearch import train
 
     out = tmp_path_factory.mktemp("models") / "head"
-    return train(labelled, out, backbone="efficientnet-lite0", input_size=96, dim=32, epochs=40, seed=1)
+    return train(
+        labelled, out, backbone="efficientnet-lite0", input_size=96, dim=32, epochs=40, seed=1, refit=False, whiten=0.0
+    )
 
 
 # ---- labelled sets and splits -----------------------------------------------------------------------------------
@@ -308,8 +310,9 @@ def test_finetune_trains_the_last_block_and_keeps_the_best(labelled: Path, tmp_p
     res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=1, views=2, seed=1)
     t = res.manifest["training"]
     assert t["mode"] == "finetune" and t["cut"] == "block14_add"
-    assert [h["phase"] for h in res.history][-1] == "finetune"
-    best = max(h["val_map"] for h in res.history)
+    phases = [h["phase"] for h in res.history]
+    assert "finetune" in phases and phases[-1] == f"refit-{res.chosen['mode']}"  # selection, then the refit
+    best = max(h["val_map"] for h in res.history if h["val_map"] is not None)
     assert res.manifest["metrics"]["val_map"] == pytest.approx(best, abs=0.02)
 
 
@@ -335,3 +338,97 @@ main()
     assert "best model so far is saved" in p.stderr
     man = json.loads((tmp_path / "m" / "simsearch-model.json").read_text())
     assert man["training"]["interrupted"] is True and man["training"]["epochs_run"] == 3
+
+
+# ---- refit, losses, whitening -------------------------------------------------------------------------------------
+
+
+def test_refit_trains_the_chosen_epochs_on_every_label(tmp_path: Path) -> None:
+    """Selection on held-out labels, then the same settings on all labels: the exported model is the refit one."""
+    from simsearch import Embedder, train
+
+    root = make_labelled(tmp_path / "set", n_labels=10, per_label=4, seed=5)
+    kw = {**BASE, "dim": 16, "epochs": 4, "seed": 2}
+    sel = train(root, tmp_path / "sel", **kw, refit=False)
+    res = train(root, tmp_path / "refit", **kw)
+    t, c = res.manifest["training"], res.chosen
+    assert t["refit"] == {"done": True, "images": 40, "labels": 10, "head_epochs": c["head_epochs"],
+                          "finetune_epochs": None}  # fmt: skip
+    assert c["mode"] == "head" and c["refit"] is True and 1 <= c["head_epochs"] <= 4
+    refit_rows = [h for h in res.history if h["phase"] == "refit-head"]
+    assert len(refit_rows) == c["head_epochs"] and all(h["val_map"] is None for h in refit_rows)
+    # the selection run is the same in both: same held-out figures, same chosen epochs
+    assert res.manifest["metrics"]["val_map"] == pytest.approx(sel.manifest["metrics"]["val_map"], abs=1e-6)
+    assert sel.chosen["refit"] is False and sel.manifest["training"]["refit"] == {"done": False}
+    assert {"features", "select", "refit", "export"} <= set(res.timings) and "refit" not in sel.timings
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))[:6]
+    a = Embedder(sel.model_dir, engine="keras").embed(paths).vectors
+    b = Embedder(res.model_dir, engine="keras").embed(paths).vectors
+    assert np.min(np.sum(a * b, axis=1)) < 0.999  # the refit model learnt from more labels: another model
+    r = CliRunner().invoke(app, ["eval", str(root), "-b", res.model_dir, "--heldout", res.model_dir, "-w", "none",
+                                 "--json"])  # fmt: skip
+    assert r.exit_code == 0 and json.loads(r.stdout)["results"][0]["heldout_trained_on"] is True
+    assert "not held-out ones" in r.stderr
+
+
+def test_cli_train_reports_what_it_chose_and_phase_times(labelled: Path, tmp_path: Path) -> None:
+    args = ["train", str(labelled), "--out", str(tmp_path / "m"), "--weights", "none", "--input-size", str(SIZE),
+            "--dim", "8", "--epochs", "2", "--head-views", "1", "--loss", "proxy-anchor",
+            "--whiten", "0.5"]  # fmt: skip
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["chosen"]["loss"] == "proxy-anchor" and out["chosen"]["whiten"] == 0.5 and out["refit"]["done"]
+    assert all(v >= 0 for v in out["timings"].values()) and {"views", "select", "refit"} <= set(out["timings"])
+    assert out["chosen"]["head_views"] == 1
+    r = CliRunner().invoke(app, [*args[:-1], "2", "--overwrite"])
+    assert r.exit_code == 1 and "--whiten must be in [0, 1]" in r.stderr and "Traceback" not in r.output
+    r = CliRunner().invoke(app, [*args[:4], "--loss", "arcface"])
+    assert r.exit_code == 1 and "unknown loss" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_whitening_init_decorrelates_the_training_features() -> None:
+    from simsearch.training.heads import pca_init
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12)) * np.linspace(0.1, 3, 12)
+    kernel, bias = pca_init(x, 6, whiten=1.0)
+    cov = np.cov((x @ kernel + bias).T)
+    assert np.allclose(cov, cov[0, 0] * np.eye(6), atol=1e-3 * cov[0, 0])  # equal variance, no correlation
+    k0, _ = pca_init(x, 6)
+    var0 = np.var(x @ k0, axis=0)
+    assert var0[0] > 5 * var0[-1]  # without whitening the leading direction dominates
+
+
+def test_proxy_anchor_loss_rewards_embeddings_near_their_own_proxies() -> None:
+    from simsearch.models._keras import tensorflow
+    from simsearch.training.heads import ProxyAnchorLoss, class_means
+
+    tf = tensorflow()
+    rng = np.random.default_rng(0)
+    proxies = np.eye(8, dtype=np.float32)[:5]  # orthogonal labels
+    y = np.repeat(np.arange(5), 4)
+    near = proxies[y] + rng.normal(scale=0.1, size=(20, 8)).astype(np.float32)
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    loss = ProxyAnchorLoss(5, 8, init=class_means(near, y, 5))
+    good = float(loss(tf.constant(near), tf.constant(y)))
+    bad = float(loss(tf.constant(near), tf.constant(np.roll(y, 4))))
+    assert np.isfinite(good) and good < bad / 3
+    with tf.GradientTape() as tape:
+        value = loss(tf.constant(near), tf.constant(np.roll(y, 4)))
+    assert np.all(np.isfinite(tape.gradient(value, loss.proxies).numpy()))
+
+
+def test_viewpoint_views_are_seeded_and_unfreeze_moves_the_cut(labelled: Path) -> None:
+    from simsearch.models.backbones import load_backbone
+    from simsearch.training.finetune import augmented_view, split_backbone
+
+    p = str(sorted(labelled.rglob("*.jpg"))[0])
+    a = augmented_view(p, 48, "resize", np.random.default_rng(3), "viewpoint")
+    b = augmented_view(p, 48, "resize", np.random.default_rng(3), "viewpoint")
+    c = augmented_view(p, 48, "resize", np.random.default_rng(3), "light")
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and not np.array_equal(a, c)
+    bb = load_backbone("efficientnet-lite0", weights=None, input_size=SIZE)
+    _, up25, cut25 = split_backbone(bb.model, 0.25)
+    _, up50, cut50 = split_backbone(bb.model, 0.5)
+    assert cut25 == "block14_add" and cut50 != cut25 and up50.count_params() > up25.count_params()

@@ -27,7 +27,9 @@ def evaluate(
     """All-vs-all retrieval metrics of each backbone on the labelled images of `folder` (see `metrics`).
 
     `heldout`: a MODEL_DIR whose validation files are the only ones evaluated, so that a trained model is never
-    scored on images it learnt from. Unreadable files are skipped (counted in "skipped").
+    scored on images it learnt from. A model refit on all labels has learnt from them too: its rows then carry
+    "heldout_trained_on": true (training's held-out figures are those of its selection run). Unreadable files are
+    skipped (counted in "skipped").
     """
     if not 0.0 < target_precision <= 1.0:
         raise BadInputError(f"--target-precision must be in (0, 1], got {target_precision}")
@@ -49,7 +51,11 @@ def evaluate(
         if len(set(lab[keep].tolist())) < 2:
             raise BadInputError("fewer than 2 labels with 2 readable images: nothing to evaluate")
         m = retrieval_metrics(vecs[keep], lab[keep], target_precision=target_precision)
-        results.append({"backbone": emb.backbone.name, **m.to_json(), "skipped": len(errors)})
+        row = {"backbone": emb.backbone.name, **m.to_json(), "skipped": len(errors)}
+        if heldout is not None and is_model_dir(name):
+            refit = read_manifest(name, verify=False).get("training", {}).get("refit") or {}
+            row["heldout_trained_on"] = bool(refit.get("done"))
+        results.append(row)
     return results
 
 

@@ -72,3 +72,59 @@ def extract_features(
              err_msg=np.array([m for _, m in errors], dtype=str))  # fmt: skip
     os.replace(tmp, cache)
     return v, ok_arr, [(paths[i], m) for i, m in errors]
+
+
+def augmented_features(
+    embedder: object,
+    paths: list[str],
+    views: int,
+    augment: str,
+    seed: int,
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """(len(paths), views, d) frozen features of `views` augmented views of each image (`finetune.augmented_view`),
+    on the same fast path as the plain features and cached on disk the same way; an unreadable file gets zeros.
+
+    What `head` mode learns invariance from: each epoch draws, per image, its plain feature or one of these.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..images import ImageLoadError
+    from .finetune import augmented_view
+
+    sig = embedder.signature()  # type: ignore[attr-defined]
+    tag = f"{sig.get('fit', '')}|{augment}|{views}|{seed}"
+    cache = features_cache_dir() / f"views-{_key(sig, tag, paths)}.npy"
+    if cache.is_file():
+        try:
+            out = np.load(cache, allow_pickle=False)
+            if out.shape[:2] == (len(paths), views):
+                return out.astype(np.float32)
+        except (OSError, ValueError):
+            pass
+    size, fit = embedder.backbone.input_size, embedder.fit  # type: ignore[attr-defined]
+    seeds = np.random.default_rng(seed).integers(0, 2**31, size=(len(paths), views))
+    out = np.zeros((len(paths), views, embedder.dim), np.float32)  # type: ignore[attr-defined]
+
+    def load(i: int) -> list[np.ndarray] | None:
+        try:
+            return [augmented_view(paths[i], size, fit, np.random.default_rng(int(s)), augment) for s in seeds[i]]
+        except ImageLoadError:
+            return None
+
+    step = 32
+    with ThreadPoolExecutor(2) as pool:
+        for start in range(0, len(paths), step):
+            idx = list(range(start, min(len(paths), start + step)))
+            good = [(i, v) for i, v in zip(idx, pool.map(load, idx), strict=True) if v is not None]
+            if good:
+                vecs = embedder.embed_pixels(np.stack([img for _, v in good for img in v]))  # type: ignore[attr-defined]
+                out[[i for i, _ in good]] = vecs.reshape(len(good), views, -1)
+            if progress:
+                progress("views", idx[-1] + 1, len(paths))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+    out = out.astype(np.float16)
+    np.save(tmp, out)
+    os.replace(tmp, cache)
+    return out.astype(np.float32)

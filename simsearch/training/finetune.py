@@ -49,13 +49,44 @@ def freeze_batchnorm(model: Any) -> None:
             freeze_batchnorm(layer)
 
 
-def augmented_view(path: str, size: int, fit: str, rng: np.random.Generator) -> np.ndarray:
-    """A random resized crop (45-100% of the area, aspect 3/4-4/3), a flip and colour jitter (+-25%), uint8."""
+AUGMENTS = ("light", "viewpoint")
+
+
+def _perspective(im: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    """A random homography: each corner moves by up to `strength` of the side (another viewpoint), edges filled."""
+    w, h = im.size
+    src = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+    dst = [(x + rng.uniform(-strength, strength) * w, y + rng.uniform(-strength, strength) * h) for x, y in src]
+    a, b = [], []
+    for (x, y), (u, v) in zip(dst, src, strict=True):  # output point (x, y) samples input point (u, v)
+        a += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        b += [u, v]
+    coeffs = np.linalg.solve(np.array(a, float), np.array(b, float)).tolist()
+    fill = tuple(int(c) for c in np.asarray(im).reshape(-1, 3).mean(axis=0))
+    return im.transform((w, h), Image.PERSPECTIVE, coeffs, Image.BILINEAR, fillcolor=fill)
+
+
+def augmented_view(path: str, size: int, fit: str, rng: np.random.Generator, augment: str = "light") -> np.ndarray:
+    """A random view of the image, uint8 (size, size, 3).
+
+    `light`: a random resized crop (45-100% of the area, aspect 3/4-4/3), a flip and colour jitter (+-25%).
+    `viewpoint` (another photo of the same object): a perspective warp (corners move up to 12%), a rotation up to
+    +-15 degrees, a wider crop and scale range (30-100% of the area, aspect 2/3-3/2), a flip, colour jitter (+-30%)
+    and, half the time, a soft glare blob.
+    """
+    strong = augment == "viewpoint"
     base = load_image(path, int(size * 1.25), fit)
+    im0 = Image.fromarray(base)
+    if strong:
+        im0 = _perspective(im0, 0.12, rng)
+        im0 = im0.rotate(float(rng.uniform(-15, 15)), Image.BILINEAR,
+                         fillcolor=tuple(int(c) for c in base.reshape(-1, 3).mean(axis=0)))  # fmt: skip
+        base = np.asarray(im0)
     h, w = base.shape[:2]
+    lo, ar = (0.30, 1.5) if strong else (0.45, 4 / 3)
     for _ in range(10):
-        area = rng.uniform(0.45, 1.0) * h * w
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        area = rng.uniform(lo, 1.0) * h * w
+        aspect = np.exp(rng.uniform(-np.log(ar), np.log(ar)))
         ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
         if ch <= h and cw <= w:
             break
@@ -65,9 +96,17 @@ def augmented_view(path: str, size: int, fit: str, rng: np.random.Generator) -> 
     im = Image.fromarray(base[y : y + ch, x : x + cw]).resize((size, size), Image.BILINEAR)
     if rng.random() < 0.5:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    jitter = 0.30 if strong else 0.25
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        im = enhancer(im).enhance(float(rng.uniform(0.75, 1.25)))
-    return np.asarray(im, dtype=np.uint8)
+        im = enhancer(im).enhance(float(rng.uniform(1 - jitter, 1 + jitter)))
+    out = np.asarray(im, dtype=np.uint8)
+    if strong and rng.random() < 0.5:
+        yy, xx = np.mgrid[0:size, 0:size]
+        gy, gx = rng.uniform(0.2, 0.8, 2) * size
+        sigma = rng.uniform(0.08, 0.2) * size
+        g = rng.uniform(0.3, 0.7) * np.exp(-((xx - gx) ** 2 + (yy - gy) ** 2) / (2 * sigma**2))
+        out = np.clip(out + (255.0 - out) * g[..., None], 0, 255).astype(np.uint8)
+    return out
 
 
 def view_activations(
@@ -80,6 +119,7 @@ def view_activations(
     seed: int,
     progress: Callable[[str, int, int], None] | None = None,
     batch: int = 32,
+    augment: str = "light",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(activations (n_ok, views, h, w, c) float16, indices of readable paths); view 0 is the plain image."""
     from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +135,7 @@ def view_activations(
         try:
             plain = load_image(paths[i], size, fit)
             r = [np.random.default_rng(int(s)) for s in seeds[i, 1:]]
-            return [plain] + [augmented_view(paths[i], size, fit, g) for g in r]
+            return [plain] + [augmented_view(paths[i], size, fit, g, augment) for g in r]
         except ImageLoadError:
             return None
 

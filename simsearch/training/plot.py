@@ -19,8 +19,8 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     ax1.plot(ep, [h["loss"] for h in history], color="tab:gray")
     ax1.set(title="training loss", xlabel="epoch")
-    ax2.plot(ep, [h["train_map"] for h in history], label="train mAP", color="tab:blue")
-    ax2.plot(ep, [h["val_map"] for h in history], label="validation mAP (held out)", color="tab:orange")
+    ax2.plot(ep, [_nan(h["train_map"]) for h in history], label="train mAP", color="tab:blue")
+    ax2.plot(ep, [_nan(h["val_map"]) for h in history], label="validation mAP (held out)", color="tab:orange")
     best = [h for h in history if h.get("best")]
     if best:
         ax2.axvline(best[-1]["epoch"], color="tab:green", ls="--", lw=1, label=f"kept: epoch {best[-1]['epoch']}")
@@ -34,3 +34,8 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _nan(v: float | None) -> float:
+    """Refit epochs have no held-out figure (None in the history): a gap in the curve."""
+    return float("nan") if v is None else float(v)

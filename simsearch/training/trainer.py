@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInputError
-from ..models.backbones import DEFAULT_BACKBONE, resolve_backbone
+from ..models.backbones import DEFAULT_BACKBONE, DEFAULT_POOLING, resolve_backbone
 from ..models.embedder import DEFAULT_FIT
 from .labels import LabelledSet, Split, load_labelled, split
 from .metrics import retrieval_metrics
@@ -47,13 +47,15 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    chosen: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"model_dir": self.model_dir, "mode": self.manifest["training"]["mode"],
                 "metrics": self.manifest["metrics"], "split": self.manifest["training"]["split"],
                 "epochs": len(self.history), "best_epoch": self.manifest["training"]["best_epoch"],
                 "seconds": round(self.seconds, 2), "interrupted": self.interrupted, "warnings": self.warnings,
-                "skipped": self.skipped, "timings": self.timings, "history": self.history}  # fmt: skip
+                "skipped": self.skipped, "timings": self.timings, "chosen": self.chosen,
+                "refit": self.manifest["training"].get("refit"), "history": self.history}  # fmt: skip
 
 
 class _Stop(Exception):
@@ -81,15 +83,25 @@ def train(
     weight_decay: float = 1e-4,
     views: int = 4,
     fit: str = DEFAULT_FIT,
-    pooling: str = "avg",
+    pooling: str = DEFAULT_POOLING,
     input_size: int | None = None,
     progress: TrainProgress | None = None,
+    refit: bool = True,
+    whiten: float = 1.0,
+    augment: str = "light",
+    unfreeze: float = 0.25,
+    head_views: int = 0,
 ) -> TrainResult:
     """Adapt `backbone` to the labelled images of `folder` and write a MODEL_DIR to `out` (see module docs).
 
     Labels are the first-level subfolders, or `labels` (a path,label CSV). `split_by="labels"` holds out whole
     labels for validation, `"images"` a share of every label's images. Ctrl-C stops training and keeps the best
     epoch so far (`interrupted` in the result).
+
+    Model selection (the epoch count of each phase, whether fine-tuning beats the head) is made on the held-out
+    labels; then, with `refit` (default), the chosen settings are trained again on every label, held-out ones too,
+    for exactly the chosen epochs, so no labelled image is wasted. The reported held-out metrics are those of the
+    selection run (the refit model has seen those images). `whiten`: see `heads.pca_init`.
     """
     from .heads import LOSSES
 
@@ -100,6 +112,16 @@ def train(
         raise BadInputError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if dim < 2:
         raise BadInputError("--dim must be at least 2")
+    from .finetune import AUGMENTS
+
+    if augment not in AUGMENTS:
+        raise BadInputError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if head_views < 0:
+        raise BadInputError("--head-views must be 0 or more")
+    if not 0.0 < unfreeze < 1.0:
+        raise BadInputError(f"--unfreeze must be in (0, 1), got {unfreeze}")
+    if not 0.0 <= whiten <= 1.0:
+        raise BadInputError(f"--whiten must be in [0, 1], got {whiten}")
     if epochs is not None and epochs < 1:
         raise BadInputError("--epochs must be at least 1")
     out = Path(out).expanduser().absolute()
@@ -138,67 +160,89 @@ def train(
     row = {int(i): r for r, i in enumerate(ok)}  # data index -> feature row
     y_tr, y_va = lab_all[tr], lab_all[va]
     f_tr, f_va = feats[[row[i] for i in tr]], feats[[row[i] for i in va]]
+    x_tr = x_va = None
+    if head_views > 0 and mode == "head":
+        from .features import augmented_features
+
+        xv = augmented_features(emb, [data.paths[i] for i in ok], head_views, augment, seed,
+                                lambda ph, d, t: note("views", d, t, {}))  # fmt: skip
+        x_tr, x_va = xv[[row[i] for i in tr]], xv[[row[i] for i in va]]
+        lap("views")
     before = retrieval_metrics(f_va, y_va, target_precision=None)
 
-    from ..models._keras import keras, tensorflow
-    from .heads import batches, build_head, make_loss, pca_init
+    from ..models._keras import keras
 
-    k, tf = keras(), tensorflow()
+    k = keras()
     k.utils.set_random_seed(seed)
     _, y_tr_dense = np.unique(y_tr, return_inverse=True)
-    n_labels = int(y_tr_dense.max()) + 1
-    head = build_head(feats.shape[1], dim, dropout, seed, pca_init(f_tr, dim))
-    init = retrieval_metrics(np.asarray(head(f_va, training=False)), y_va, target_precision=None)
-    loss_fn = make_loss(loss, n_labels, dim, seed)
+    head_cfg = cfg if mode == "head" else DEFAULTS["head"]
+    fitter = _HeadFit(f_tr, y_tr_dense, dim, dropout, seed, loss, head_cfg["lr"], weight_decay, whiten, x_tr)
+    head = fitter.head
+    init = retrieval_metrics(fitter.embed(f_va), y_va, target_precision=None)
     rng = np.random.default_rng(seed)
     history: list[dict[str, Any]] = []
     state = _Loop(history, note, warnings)
 
-    # ---- phase 1: the head on frozen features ------------------------------------------------------------------
-    opt = k.optimizers.AdamW(learning_rate=cfg["lr"] if mode == "head" else DEFAULTS["head"]["lr"],
-                             weight_decay=weight_decay)  # fmt: skip
-    head_vars = head.trainable_variables + loss_fn.variables
-
-    @tf.function(reduce_retracing=True)
-    def head_step(x: Any, y: Any) -> Any:
-        with tf.GradientTape() as tape:
-            value = loss_fn(head(x, training=True), y)
-        opt.apply_gradients(zip(tape.gradient(value, head_vars), head_vars, strict=True))
-        return value
-
+    # ---- model selection, phase 1: the head on frozen features -------------------------------------------------
     sample = rng.permutation(len(tr))[:1500]
 
     def head_eval() -> tuple[float, float, float]:
-        v = np.asarray(head(f_va, training=False))
-        m = retrieval_metrics(v, y_va, target_precision=None)
-        t = np.asarray(head(f_tr[sample], training=False))
-        return retrieval_metrics(t, y_tr[sample], target_precision=None).map, m.map, m.p_at_1
+        m = retrieval_metrics(fitter.embed(f_va), y_va, target_precision=None)
+        return retrieval_metrics(fitter.embed(f_tr[sample]), y_tr[sample], target_precision=None).map, m.map, m.p_at_1
 
-    head_cfg = cfg if mode == "head" else DEFAULTS["head"]
-    state.run(
-        "head", head_cfg["epochs"], head_cfg["patience"],
-        lambda: [float(head_step(f_tr[b], y_tr_dense[b])) for b in batches(y_tr_dense, head_cfg["batch_size"],
-                                                                            loss, rng)],
-        head_eval, lambda: [v.numpy().copy() for v in head_vars],
-        lambda s: [v.assign(x) for v, x in zip(head_vars, s, strict=True)],
-    )  # fmt: skip
-
+    state.run("head", head_cfg["epochs"], head_cfg["patience"], lambda: fitter.epoch(head_cfg["batch_size"], rng),
+              head_eval, fitter.get, fitter.put)  # fmt: skip
     lap("head")
     bb = spec.build()
     cut, ft_metrics = None, None
     if mode == "finetune" and not state.interrupted:
-        cut, ft_metrics = _finetune(bb, spec, data, tr, va, y_tr_dense, y_va, head, loss_fn, head_vars, cfg, views,
-                                    fit, seed, loss, weight_decay, rng, state, note)  # fmt: skip
+        cut, ft_metrics = _finetune(bb, spec, data, tr, va, y_tr_dense, y_va, fitter, cfg, views, fit, seed, loss,
+                                    weight_decay, rng, state, note, augment=augment, unfreeze=unfreeze)  # fmt: skip
         lap("finetune")
+    timings["select"] = round(timings.get("head", 0.0) + timings.get("finetune", 0.0), 2)
+    best = state.best_entry()
+    tag = "finetune" if best.get("phase") == "finetune" else "head"
+    head_epochs = _best_count(history, "head")
+    ft_epochs = _best_count(history, "finetune") if tag == "finetune" else 0
+    # held-out metrics of the selected model (head: on the cached features, which is what the model computes)
+    final_va = ft_metrics if tag == "finetune" else retrieval_metrics(fitter.embed(f_va), y_va)
+
+    # ---- refit: the chosen settings again, on every label (held-out ones too) ---------------------------------
+    refit_info: dict[str, Any] = {"done": False}
+    if refit and head_epochs > 0 and not state.interrupted:
+        everything = np.concatenate([tr, va])
+        _, y_all = np.unique(lab_all[everything], return_inverse=True)
+        f_all = np.concatenate([f_tr, f_va])
+        k.utils.set_random_seed(seed)
+        x_all = None if x_tr is None else np.concatenate([x_tr, x_va])
+        refitter = _HeadFit(f_all, y_all, dim, dropout, seed, loss, head_cfg["lr"], weight_decay, whiten, x_all)
+        r_rng = np.random.default_rng(seed + 1)
+        r_state = _Loop(history, note, warnings, select=False)
+        r_state.run("refit-head", head_epochs, head_epochs, lambda: refitter.epoch(head_cfg["batch_size"], r_rng),
+                    None, refitter.get, refitter.put)  # fmt: skip
+        r_bb = bb
+        if tag == "finetune" and not r_state.interrupted:
+            r_bb = spec.build()
+            _finetune(r_bb, spec, data, everything, va, y_all, y_va, refitter, {**cfg, "epochs": ft_epochs}, views,
+                      fit, seed, loss, weight_decay, r_rng, r_state, note, select=False, augment=augment,
+                      unfreeze=unfreeze)  # fmt: skip
+        if r_state.interrupted:
+            warnings.append("refit interrupted: the model selected on held-out labels is saved instead")
+            state.interrupted = True
+        else:
+            head, bb = refitter.head, r_bb
+            refit_info = {"done": True, "images": int(len(everything)), "labels": int(y_all.max()) + 1,
+                          "head_epochs": head_epochs, "finetune_epochs": ft_epochs or None}  # fmt: skip
+        lap("refit")
+    chosen = {"mode": tag, "loss": loss, "head_epochs": head_epochs, "finetune_epochs": ft_epochs or None,
+              "cut": cut if tag == "finetune" else None, "whiten": whiten,
+              "augment": augment if tag == "finetune" or head_views else None, "head_views": head_views,
+              "refit": bool(refit_info["done"])}  # fmt: skip
 
     # ---- export --------------------------------------------------------------------------------------------------
     inp = k.Input((spec.input_size, spec.input_size, 3), name="image")
     model = k.Model(inp, head(k.layers.UnitNormalization(name="features_norm")(bb.model(inp))),
                     name="simsearch_trained")  # fmt: skip
-    best = state.best_entry()
-    tag = "finetune" if best.get("phase") == "finetune" else "head"
-    # held-out metrics of what is exported (head: on the cached features, which is what the model computes)
-    final_va = ft_metrics if tag == "finetune" else retrieval_metrics(np.asarray(head(f_va, training=False)), y_va)
     manifest = {
         "simsearch_version": _version(),
         "base": {**spec.signature(bb.dim), "fit": fit, "seed": seed},
@@ -211,8 +255,9 @@ def train(
             "mode": mode, "loss": loss, "files": len(tr) + len(va), "labels": len(set(data.labels)),
             "files_digest": data.digest(), "split": sp.to_json(data), "best_epoch": best.get("epoch"),
             "best_phase": tag, "epochs_run": len(history), "cut": cut, "views": views if mode == "finetune" else None,
-            "params": {**cfg, "dim": dim, "dropout": dropout, "weight_decay": weight_decay},
-            "interrupted": state.interrupted,
+            "augment": augment if mode == "finetune" or head_views else None, "head_views": head_views,
+            "params": {**cfg, "dim": dim, "dropout": dropout, "weight_decay": weight_decay, "whiten": whiten},
+            "interrupted": state.interrupted, "refit": refit_info, "chosen": chosen,
         },
         "metrics": {"val_map_before": round(before.map, 6), "val_p_at_1_before": round(before.p_at_1, 6),
                     "val_map_untrained_head": round(init.map, 6),
@@ -228,7 +273,7 @@ def train(
     written = _write(out, model, manifest, history, data, sp, va, overwrite)
     lap("export")
     return TrainResult(str(out), written, history, time.perf_counter() - t0, state.interrupted, warnings, skipped,
-                       timings)  # fmt: skip
+                       timings, chosen)  # fmt: skip
 
 
 def _readable(sp: Split, ok: np.ndarray, data: LabelledSet) -> tuple[np.ndarray, np.ndarray]:
@@ -241,11 +286,77 @@ def _readable(sp: Split, ok: np.ndarray, data: LabelledSet) -> tuple[np.ndarray,
     return tr, va
 
 
-class _Loop:
-    """Epochs with early stopping on validation mAP, best-state restore, history, overfitting warning, Ctrl-C."""
+def _best_count(history: list[dict[str, Any]], phase: str) -> int:
+    """How many epochs of `phase` ran up to its best one (0 when none was best): the epochs a refit runs."""
+    ran = [h for h in history if h["phase"] == phase]
+    best = [i for i, h in enumerate(ran, 1) if h.get("best")]
+    return best[-1] if best else 0
 
-    def __init__(self, history: list[dict[str, Any]], note: TrainProgress, warnings: list[str]) -> None:
-        self.history, self.note, self.warnings = history, note, warnings
+
+class _HeadFit:
+    """A projection head and its loss on (n, d) features with dense labels: one epoch, embed, snapshot, restore."""
+
+    def __init__(self, f: np.ndarray, y: np.ndarray, dim: int, dropout: float, seed: int, loss: str, lr: float,
+                 weight_decay: float, whiten: float, extra: np.ndarray | None = None) -> None:  # fmt: skip
+        from ..models._keras import keras, tensorflow
+        from .heads import build_head, class_means, make_loss, pca_init
+
+        k, tf = keras(), tensorflow()
+        self.f, self.y, self.loss, self.extra = f, y, loss, extra
+        n_labels = int(y.max()) + 1
+        self.head = build_head(f.shape[1], dim, dropout, seed, pca_init(f, dim, whiten))
+        self.loss_fn = make_loss(loss, n_labels, dim, seed, init=class_means(self.embed(f), y, n_labels))
+        self.vars = self.head.trainable_variables + self.loss_fn.variables
+        opt = k.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
+        opt_p = k.optimizers.AdamW(learning_rate=lr * self.loss_fn.lr_mult, weight_decay=0.0)
+        hv, pv = self.head.trainable_variables, self.loss_fn.variables
+
+        @tf.function(reduce_retracing=True)
+        def step(x: Any, yb: Any) -> Any:
+            with tf.GradientTape() as tape:
+                value = self.loss_fn(self.head(x, training=True), yb)
+            grads = tape.gradient(value, hv + pv)
+            opt.apply_gradients(zip(grads[: len(hv)], hv, strict=True))
+            if pv:
+                opt_p.apply_gradients(zip(grads[len(hv) :], pv, strict=True))
+            return value
+
+        self._step = step
+
+    def epoch(self, batch_size: int, rng: np.random.Generator) -> list[float]:
+        from .heads import batches
+
+        out = []
+        for b in batches(self.y, batch_size, self.loss, rng):
+            x = self.f[b]
+            if self.extra is not None:  # each image: its plain feature or one of its augmented views' (1 in V+1)
+                v = rng.integers(0, self.extra.shape[1] + 1, size=len(b))
+                aug = v > 0
+                x = x.copy()
+                x[aug] = self.extra[b[aug], v[aug] - 1]
+            out.append(float(self._step(x, self.y[b])))
+        return out
+
+    def embed(self, f: np.ndarray) -> np.ndarray:
+        return np.asarray(self.head(f, training=False))
+
+    def get(self) -> list[np.ndarray]:
+        return [v.numpy().copy() for v in self.vars]
+
+    def put(self, state: list[np.ndarray]) -> None:
+        for v, x in zip(self.vars, state, strict=True):
+            v.assign(x)
+
+
+class _Loop:
+    """Epochs with early stopping on validation mAP, best-state restore, history, overfitting warning, Ctrl-C.
+
+    `select=False` (a refit): no held-out figure, every epoch runs, the last state is kept.
+    """
+
+    def __init__(self, history: list[dict[str, Any]], note: TrainProgress, warnings: list[str],
+                 select: bool = True) -> None:  # fmt: skip
+        self.history, self.note, self.warnings, self.select = history, note, warnings, select
         self.interrupted = False
         self.best_map = -1.0
         self._warned = False
@@ -255,7 +366,7 @@ class _Loop:
         return good[-1] if good else {}
 
     def run(self, phase: str, epochs: int, patience: int, epoch_fn: Callable[[], list[float]],
-            eval_fn: Callable[[], tuple[float, float, float]], get: Callable[[], Any],
+            eval_fn: Callable[[], tuple[float, float, float]] | None, get: Callable[[], Any],
             put: Callable[[Any], Any]) -> None:  # fmt: skip
         best_state, stale = get(), 0
         t_start = time.perf_counter()
@@ -263,6 +374,14 @@ class _Loop:
             for e in range(1, epochs + 1):
                 t = time.perf_counter()
                 losses = epoch_fn()
+                if eval_fn is None or not self.select:
+                    entry = {"epoch": len(self.history) + 1, "phase": phase, "loss": round(float(np.mean(losses)), 6),
+                             "train_map": None, "val_map": None, "val_p_at_1": None,
+                             "seconds": round(time.perf_counter() - t, 3), "best": False}  # fmt: skip
+                    self.history.append(entry)
+                    per = (time.perf_counter() - t_start) / e
+                    self.note("epoch", e, epochs, {**entry, "eta": per * (epochs - e)})
+                    continue
                 tr_map, va_map, va_p1 = eval_fn()
                 improved = va_map > self.best_map + 1e-5
                 entry = {"epoch": len(self.history) + 1, "phase": phase, "loss": round(float(np.mean(losses)), 6),
@@ -280,11 +399,12 @@ class _Loop:
                     break
         except KeyboardInterrupt:
             self.interrupted = True
-        put(best_state)
+        if self.select:
+            put(best_state)
 
     def _check_overfit(self) -> None:
         h = self.history
-        if self._warned or len(h) < 3 or h[-1]["phase"] != h[-3]["phase"]:
+        if self._warned or len(h) < 3 or h[-1]["phase"] != h[-3]["phase"] or h[-3]["val_map"] is None:
             return
         if h[-1]["val_map"] < h[-2]["val_map"] < h[-3]["val_map"] and h[-1]["train_map"] > h[-3]["train_map"]:
             self._warned = True
@@ -295,22 +415,27 @@ class _Loop:
 
 
 def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndarray, y_tr: np.ndarray,
-              y_va: np.ndarray, head: Any, loss_fn: Any, head_vars: list, cfg: dict, views: int, fit: str, seed: int,
-              loss: str, weight_decay: float, rng: np.random.Generator, state: _Loop,
-              note: TrainProgress) -> tuple[str, Any]:  # fmt: skip
-    """Phase 2: train the backbone's upper part with the head on cached activations of augmented views."""
+              y_va: np.ndarray, fitter: _HeadFit, cfg: dict, views: int, fit: str, seed: int, loss: str,
+              weight_decay: float, rng: np.random.Generator, state: _Loop, note: TrainProgress,
+              select: bool = True, augment: str = "light", unfreeze: float = 0.25) -> tuple[str, Any]:  # fmt: skip
+    """Phase 2: train the backbone's upper part with the head on cached activations of augmented views.
+
+    `select=False` (refit): no validation views are computed and the held-out metrics returned are None.
+    """
+    head, loss_fn, head_vars = fitter.head, fitter.loss_fn, fitter.vars
     from ..models._keras import keras, tensorflow
     from .finetune import freeze_batchnorm, split_backbone, view_activations
     from .heads import batches
 
     k, tf = keras(), tensorflow()
     freeze_batchnorm(bb.model)
-    lower, upper, cut = split_backbone(bb.model)
+    lower, upper, cut = split_backbone(bb.model, unfreeze)
     prep = bb.preprocess
     size = spec.input_size
     paths = data.paths
     a_tr, ok_tr = view_activations(lower, prep, [paths[i] for i in tr], size, fit, views, seed,
-                                   lambda ph, d, t: note("views", d, t, {}))  # fmt: skip
+                                   lambda ph, d, t: note("views", d, t, {}), augment=augment)  # fmt: skip
+    va = va if select else va[:0]
     a_va, ok_va = view_activations(lower, prep, [paths[i] for i in va], size, fit, 1, seed,
                                    lambda ph, d, t: note("views-val", d, t, {}))  # fmt: skip
     y_tr, y_va = y_tr[ok_tr], y_va[ok_va]
@@ -351,10 +476,10 @@ def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndar
         return t.map, m.map, m.p_at_1
 
     all_vars = head_vars + up_vars
-    state.run("finetune", cfg["epochs"], cfg["patience"], epoch, evaluate,
-              lambda: [v.numpy().copy() for v in all_vars],
+    state.run("refit-finetune" if not select else "finetune", cfg["epochs"], cfg["patience"], epoch,
+              evaluate if select else None, lambda: [v.numpy().copy() for v in all_vars],
               lambda s: [v.assign(x) for v, x in zip(all_vars, s, strict=True)])  # fmt: skip
-    return cut, retrieval_metrics(run_embed(a_va[:, 0]), y_va)
+    return cut, retrieval_metrics(run_embed(a_va[:, 0]), y_va) if select else None
 
 
 def _write(out: Path, model: Any, manifest: dict[str, Any], history: list[dict[str, Any]], data: LabelledSet,
