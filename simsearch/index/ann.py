@@ -181,9 +181,9 @@ def set_param(index: Any, value: int | None) -> None:
 
 
 def search_params(index: Any, value: int | None) -> Any:
-    """FAISS SearchParameters carrying nprobe or efSearch for one search, or None when the structure takes none
-    this way (then `set_param` changes the structure itself, under a lock). Passing them leaves the shared
-    structure untouched, so concurrent searches need no lock and no set-and-restore."""
+    """FAISS SearchParameters carrying nprobe or efSearch (`param_name`) for one search; None without a value or
+    for a structure that has no such parameter. Passing them leaves the shared structure untouched, so concurrent
+    searches need no lock and no set-and-restore."""
     import faiss
 
     if not value:

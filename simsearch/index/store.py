@@ -240,7 +240,6 @@ class IndexStore:
         self._index_dirty = False
         self._search_changed = False
         self._lock_fd: int | None = None
-        self._search_lock = threading.Lock()
         self._setups: dict[tuple[int, int | None], tuple[Any, bool, Any]] = {}  # see _search_setup
         self._stats: tuple[int, int, int] | None = None  # (generation, count, max id), read once per generation
         self.index_type = manifest.get("index_type", "auto")
@@ -591,8 +590,6 @@ class IndexStore:
         given); rows committed after it was saved come from an exact scan; every candidate is re-scored from the
         stored vectors and removed rows are dropped. `exact` scans everything.
         """
-        from .ann import set_param
-
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, int(k))
         count, top = self._counts()
@@ -610,13 +607,7 @@ class IndexStore:
         cand: list[np.ndarray] = []
         if index is not None:
             fetch, params = self._search_setup(index, k, param)
-            if params is not None or param is None:
-                _, ids = index.search(q, fetch, params=params)
-            else:
-                with self._search_lock:
-                    set_param(index, param)
-                    _, ids = index.search(q, fetch)
-                    set_param(index, (self.manifest.get("search") or {}).get("value"))
+            _, ids = index.search(q, fetch, params=params)
             cand.append(ids)
         if covered + 1 < n_slots:
             cand.append(self._scan(q, covered + 1, n_slots, want + self._dead_in(covered + 1, n_slots)))
@@ -628,15 +619,15 @@ class IndexStore:
         return scores, ids
 
     def _search_setup(self, index: Any, k: int, param: int | None) -> tuple[int, Any]:
-        """(candidates to fetch for top k, SearchParameters for `param` or the tuned value), cached per loaded
-        structure: asking FAISS for the structure's type costs a good part of a small search."""
+        """(candidates to fetch for top k, SearchParameters for an explicit `param`), cached per loaded structure:
+        asking FAISS for the structure's type costs a good part of a small search. Without `param` the structure
+        searches with its own setting (the tuned value, set when it is loaded or tuned)."""
         from .ann import candidates, is_coarse, search_params
 
         key = (id(index), param)
         got = self._setups.get(key)
         if got is None or got[0] is not index:
-            value = param if param is not None else (self.manifest.get("search") or {}).get("value")
-            got = (index, is_coarse(index), search_params(index, value))
+            got = (index, is_coarse(index), search_params(index, param))
             if len(self._setups) > 64:
                 self._setups.clear()
             self._setups[key] = got
