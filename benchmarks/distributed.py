@@ -158,16 +158,23 @@ def print_merge(res: dict) -> None:
           f"~{per * TARGET:.0f}/k s plus shipping 5 KB per vector")  # fmt: skip
 
 
+def warm_tiny(folder: Path, tmp: Path, model: list[str]) -> Path:
+    """A folder of 8 of the images, for Ray's fixed cost (start Ray and its actors, embed 8 images), indexed once
+    first so that every timed run starts alike: the converted model cached, the files in the page cache."""
+    tiny = tmp / "tiny"
+    tiny.mkdir()
+    for f in scan_images(folder)[0][:8]:
+        shutil.copy2(f, tiny / f.name)
+    index_run(tiny, tmp / "warm", model)
+    return tiny
+
+
 def cluster_check(folder: Path, tmp: Path, model: list[str], nodes: int) -> dict:
     """Index `folder` on Ray clusters of 1 and `nodes` nodes (1 CPU each); the model's prediction for `nodes` from the
     1-node run (fixed cost and per-node rate), against the measured time."""
     from ray.cluster_utils import Cluster
 
-    tiny = tmp / "tiny"
-    tiny.mkdir()
-    for f in scan_images(folder)[0][:8]:
-        shutil.copy2(f, tiny / f.name)
-    index_run(tiny, tmp / "warm", model)  # converted model cached, files in the page cache
+    tiny = warm_tiny(folder, tmp, model)
     local = index_run(folder, tmp / "local", model)
     runs: dict[int, dict] = {}
     for n in (1, nodes):
@@ -235,13 +242,8 @@ def main() -> int:
         if args.nodes:
             print(json.dumps(cluster_check(folder, tmp, model, args.nodes)))
             return 0
-        tiny = tmp / "tiny"  # Ray's fixed cost: start Ray and its actors, embed 8 images
-        tiny.mkdir()
-        for f in scan_images(folder)[0][:8]:
-            shutil.copy2(f, tiny / f.name)
-
+        tiny = warm_tiny(folder, tmp, model)
         runs: dict[str, dict] = {}
-        index_run(tiny, tmp / "warm", model)  # converted model cached, files in the page cache: same start for all
         runs["local"] = index_run(folder, tmp / "local", model)
         runs["ray-1"] = index_run(folder, tmp / "ray-1", [*model, "--ray", "local", "--workers", "1"])
         runs["ray-2"] = index_run(folder, tmp / "ray-2", [*model, "--ray", "local", "--workers", "2"])
