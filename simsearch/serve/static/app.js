@@ -158,11 +158,14 @@ async function loadDuplicates(offset) {
   const p = dupParams();
   p.set("offset", String(state.dupOffset));
   p.set("limit", String(PAGE));
+  const ticket = (state.dupTicket = (state.dupTicket || 0) + 1);  // only the latest request may draw
   say("finding duplicates…");
   try {
     const rep = await api(`/api/duplicates?${p}`);
+    if (ticket !== state.dupTicket) return;  // a newer request (another threshold, page or switch) is on its way
     releaseThumbs();
     $("#groups").replaceChildren(...rep.groups.map((g) => groupView(g, rep)));
+    $("#groups").dataset.threshold = String(rep.threshold);  // which answer is drawn
     const last = Math.min(rep.offset + rep.groups.length, rep.total_groups);
     const others = rep.similar_files ? `; ${rep.similar_files} other shots (not copies)` : "";
     $("#dups-summary").textContent = rep.total_groups
@@ -171,7 +174,7 @@ async function loadDuplicates(offset) {
     $("#dups-prev").disabled = rep.offset === 0;
     $("#dups-next").disabled = last >= rep.total_groups;
     say(`${rep.total_groups} groups`);
-  } catch (e) { say(e.message, true); }
+  } catch (e) { if (ticket === state.dupTicket) say(e.message, true); }
 }
 
 function groupView(g, rep) {
