@@ -487,6 +487,10 @@ def main() -> int:
         extra["similar"] = {"groups": len(similar), "with_similar": sim}
     if report.get("tiers"):
         print(f"simsearch tiers: {report['tiers']}")
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    print(f"simsearch model: {manifest['backbone']} {manifest['weights']}, precision {manifest['precision']} "
+          f"(auto: fp16 where the CPU computes float16 natively)")  # fmt: skip
+    extra["simsearch"]["precision"] = manifest["precision"]
     fd_rows = [r for r in rows if r["tool"].endswith("components")]
     if fd_rows and idx_s:
         ratio = fd_rows[0]["time"]["total_s"] / rows[-1]["time"]["total_s"]

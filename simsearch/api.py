@@ -96,7 +96,7 @@ class SimIndex:
         from .index.ann import parse_budget
         from .models.embedder import Embedder
 
-        kw = _embed_kwargs(fit, precision)
+        kw = _embed_kwargs(fit, precision or "auto")
         calibration = list(representative or []) if precision == "int8" else []
         emb = Embedder(backbone, weights=weights, pooling=pooling, batch_size=batch_size, engine=engine,
                        seed=seed, input_size=input_size, representative=calibration or None, **kw)  # fmt: skip
@@ -132,6 +132,8 @@ class SimIndex:
                 f"use --rebuild to re-index it with {options['backbone']}, or choose another --index"
             )
         for key in ("pooling", "fit", "precision", "input_size"):
+            if key == "precision" and options.get(key) == "auto":
+                continue  # whatever the index was built with
             if options.get(key) and options[key] != sig.get(key):
                 raise IndexMismatchError(
                     f"index {self.store.path} uses {key}={sig.get(key)}, not {options[key]}; use --rebuild to change it"

@@ -111,7 +111,14 @@ def index_cmd(
     ] = None,
     pooling: Annotated[str | None, typer.Option("--pooling", help="rmac (default), avg, max or gem.")] = None,
     fit: Annotated[str | None, typer.Option("--fit", help="resize (whole image), crop (centre) or pad.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or int8 (TFLite engine).")] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="fp32, fp16, int8 or auto (TFLite engine). A new index defaults to auto: fp16 where the "
+            "CPU computes float16 natively (AVX512-FP16, Arm FP16), else fp32.",
+        ),
+    ] = None,
     engine: Annotated[str, typer.Option("--engine", help="auto (TFLite, else Keras), tflite or keras.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 32,
     input_size: Annotated[

@@ -126,3 +126,27 @@ def test_rmac_pooling_runs_through_tflite_like_keras() -> None:
     np.testing.assert_allclose(np.sum(v * k, axis=1), 1.0, atol=1e-4)
     avg = Embedder(pooling="avg", engine="keras").embed(photos).vectors
     assert np.all(np.sum(v * avg, axis=1) < 0.99)  # a different descriptor, not average pooling renamed
+
+
+def test_auto_precision_runs_float16_where_native_and_keeps_the_vectors(monkeypatch, tmp_path: Path) -> None:
+    from simsearch.api import SimIndex
+    from simsearch.errors import IndexMismatchError
+    from simsearch.models import tflite_exec
+
+    photos = [skimage_photo(n) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    keras_vecs = Embedder(engine="keras").embed(photos).vectors
+    if tflite_exec.native_fp16():
+        auto = Embedder(precision="auto")
+        assert auto.precision == "fp16" and auto.engine_name == "tflite-fp16-native"
+        assert np.sum(auto.embed(photos).vectors * keras_vecs, axis=1).min() >= 0.998
+    monkeypatch.setenv("SIMSEARCH_NATIVE_FP16", "0")
+    tflite_exec.native_fp16.cache_clear()
+    try:
+        with SimIndex.create(tmp_path / "idx") as idx:  # a new index defaults to auto: fp32 without native fp16
+            assert idx.store.signature["precision"] == "fp32"
+            idx.check_backbone({"precision": "auto"})  # auto accepts what the index was built with
+            with pytest.raises(IndexMismatchError, match="precision"):
+                idx.check_backbone({"precision": "fp16"})
+    finally:
+        monkeypatch.delenv("SIMSEARCH_NATIVE_FP16")
+        tflite_exec.native_fp16.cache_clear()

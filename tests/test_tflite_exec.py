@@ -197,3 +197,80 @@ def test_corrupt_model_file_raises_a_clear_error(tmp_path, fp32_bytes: bytes, da
     path.write_bytes(b"this is not a flatbuffer" * 10 if damage == "garbage" else fp32_bytes[: len(fp32_bytes) // 2])
     with pytest.raises((ValueError, ConversionError)):
         TFLiteRunner(path)
+
+
+def _half_available() -> bool:
+    return tflite_exec.native_fp16() and importlib.util.find_spec("ai_edge_litert.compiled_model") is not None
+
+
+needs_native_fp16 = pytest.mark.skipif(not _half_available(), reason="this CPU has no native float16 arithmetic")
+
+
+@needs_native_fp16
+def test_half_runner_computes_in_float16_and_matches_keras_for_any_batch_size(model, fp32_bytes: bytes) -> None:
+    half = tflite_exec.HalfRunner(fp32_bytes, num_threads=2, micro_batch=4)
+    full = TFLiteRunner(fp32_bytes, num_threads=1)
+    assert half.input_size == SIZE and half.dim == 48
+    for n in (1, 3, 4, 9):  # below, at and across micro-batches
+        x = _images(n, seed=200 + n)
+        got = half(x)
+        assert got.shape == (n, 48) and got.dtype == np.float32
+        assert _row_cosines(got, model.predict(x, verbose=0)).min() >= 0.99
+        np.testing.assert_array_equal(half.submit(x).result(), got)  # one model, one path: identical results
+    x = _images(6, seed=7)
+    assert not np.array_equal(half(x), full(x)), "float16 was asked for but float32 arithmetic ran"
+
+
+def test_make_runner_uses_float32_without_native_float16(fp32_bytes: bytes, monkeypatch) -> None:
+    monkeypatch.setenv("SIMSEARCH_NATIVE_FP16", "0")
+    tflite_exec.native_fp16.cache_clear()
+    try:
+        assert not tflite_exec.native_fp16()
+        assert isinstance(tflite_exec.make_runner(fp32_bytes, half=True), TFLiteRunner)
+        from simsearch.models.embedder import resolve_precision
+
+        assert resolve_precision("auto") == "fp32" and resolve_precision("int8") == "int8"
+        monkeypatch.setenv("SIMSEARCH_NATIVE_FP16", "1")
+        tflite_exec.native_fp16.cache_clear()
+        assert resolve_precision("auto") == "fp16" and resolve_precision("auto", engine="keras") == "fp32"
+    finally:
+        monkeypatch.delenv("SIMSEARCH_NATIVE_FP16")
+        tflite_exec.native_fp16.cache_clear()
+
+
+@needs_native_fp16
+def test_half_runner_leaves_no_native_log_lines_on_stderr(fp32_bytes: bytes, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    model = tmp_path / "m.tflite"
+    model.write_bytes(fp32_bytes)
+    code = (
+        "import sys, numpy as np\n"
+        "from simsearch.models.tflite_exec import HalfRunner\n"
+        "r = HalfRunner(sys.argv[1])\n"
+        f"print(r(np.zeros((2, {SIZE}, {SIZE}, 3), np.float32)).shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(2, 48)" and done.stderr == ""
+
+
+@needs_native_fp16
+def test_a_model_that_overflows_float16_runs_in_float32() -> None:
+    """Activations beyond float16's range (65504) would give inf/NaN vectors: the probe keeps such a model on
+    float32, and a batch that still overflows is recomputed in float32."""
+    from simsearch.models._keras import keras
+
+    k = keras()
+    inp = k.Input((SIZE, SIZE, 3))
+    big = k.layers.Conv2D(8, 3, kernel_initializer=k.initializers.Constant(50.0))(inp)
+    big = k.layers.Conv2D(8, 3, kernel_initializer=k.initializers.Constant(50.0))(big)
+    data = convert_keras_to_tflite(k.Model(inp, k.layers.GlobalAveragePooling2D()(big)), "fp32")
+    runner = tflite_exec.make_runner(data, half=True)
+    assert isinstance(runner, TFLiteRunner)
+    half = tflite_exec.HalfRunner(data)
+    assert not half.agrees()
+    got = half(_images(3, seed=5))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, half.float32_runner()(_images(3, seed=5)), rtol=1e-5)

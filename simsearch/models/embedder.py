@@ -83,9 +83,28 @@ def _tflite_key(backbone: Backbone, fit: str) -> str:
     return f"{backbone.name.replace('/', '_')[-40:]}-{digest}"
 
 
+def resolve_precision(precision: str, engine: str = "auto") -> str:
+    """`auto` is fp16 where the CPU computes float16 natively (the TFLite engine runs it there, 1.7x faster per
+    image, vectors at cosine >= 0.998 of fp32), else fp32; other values are returned as they are."""
+    if precision != "auto":
+        return precision
+    from .tflite_exec import native_fp16
+
+    return "fp16" if engine != "keras" and native_fp16() else "fp32"
+
+
+def _file_precision(precision: str) -> str:
+    """Which converted file a precision runs: native float16 arithmetic runs the float32 file (same speed as the
+    float16-weights one, and no second conversion); elsewhere fp16 means float16 weights, float32 arithmetic."""
+    from .tflite_exec import native_fp16
+
+    return "fp32" if precision == "fp16" and native_fp16() else precision
+
+
 def _cached_tflite(backbone: Backbone, precision: str, fit: str, calibrated: bool) -> Path | None:
     from . import tflite_exec
 
+    precision = _file_precision(precision)
     path = tflite_exec._cache_path(tflite_exec.default_cache_dir(), _tflite_key(backbone, fit), precision, calibrated)
     return path if tflite_exec._looks_valid(path) else None
 
@@ -99,10 +118,10 @@ def _tflite_engine(backbone: Backbone, precision: str, fit: str, representative:
             backbone = backbone.spec.build()
         path = tflite_exec.load_or_convert(
             tflite_exec.default_cache_dir(), _tflite_key(backbone, fit),
-            lambda: backbone.model, precision=precision, representative=representative,
+            lambda: backbone.model, precision=_file_precision(precision), representative=representative,
         )  # fmt: skip
-    runner = tflite_exec.TFLiteRunner(path)
-    runner.name = f"tflite-{precision}"
+    runner = tflite_exec.make_runner(path, half=precision == "fp16")
+    runner.name = f"tflite-{precision}" + ("-native" if isinstance(runner, tflite_exec.HalfRunner) else "")
     return runner
 
 
@@ -127,8 +146,10 @@ class Embedder:
             raise BadInputError(f"unknown fit {fit!r}; choose one of {', '.join(FITS)}")
         if engine not in ENGINES:
             raise BadInputError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        precision = resolve_precision(precision, engine)
         if precision not in PRECISIONS:
-            raise BadInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+            choices = ", ".join((*PRECISIONS, "auto"))
+            raise BadInputError(f"unknown precision {precision!r}; choose one of {choices}")
         if engine == "keras" and precision != "fp32":
             raise BadInputError("--precision fp16/int8 needs the tflite engine")
         self.backbone = backbone if isinstance(backbone, Backbone) else None
