@@ -149,6 +149,7 @@ def train(
         clock[0] = now
 
     emb = Embedder(spec, fit=fit, seed=seed)
+    spec = emb.backbone.spec  # a .keras file's input size is known once it is built
     note = progress or (lambda *a: None)
     feats, ok, errors = extract_features(emb, data.paths, lambda ph, d, t: note(ph, d, t, {}))
     lap("features")
