@@ -142,12 +142,12 @@ def tta_features(
     from concurrent.futures import ThreadPoolExecutor
 
     from ..images import ImageLoadError, load_image
-    from ..models.tta import view_pixels
+    from ..models.tta import CROP, view_pixels
 
     views = list(views)
     sig = embedder.signature()  # type: ignore[attr-defined]
     size, fit = embedder.backbone.input_size, embedder.fit  # type: ignore[attr-defined]
-    tag = fit + "|" + ",".join(views)
+    tag = f"{fit}|{','.join(views)}|crop{CROP}"  # the views' own parameters: a change recomputes them
     cache = features_cache_dir() / f"tta-{_key(sig, tag, paths)}.npy"
     if cache.is_file():
         try:
