@@ -69,6 +69,9 @@ def fixed_head(train: Path, sets: list[Path], epochs: int, backbone: str, loss: 
 def tta(folder: Path, backbone: str, work: Path) -> dict[str, list[float]]:
     """Test-time options on one labelled folder: plain, flip averaging, flip + a 80% centre crop (two scales).
 
+    Outside the model, from the original files: what first measured `simsearch train --tta`, which now builds the
+    views into the trained model instead (made from its input, and with the crop's mirror too; `models.tta`).
+
     Each image's variants are written once to `work` and embedded by the library; the averaged vector is
     L2-normalised before scoring.
     """
@@ -112,7 +115,12 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="feature/TFLite cache to share (default: a new temporary one)")
     ap.add_argument("--out", type=Path, help="keep the MODEL_DIRs here")
     ap.add_argument("--json-out", type=Path, help="append each row as a JSON line to this file")
-    ap.add_argument("--tta", action="store_true", help="also test-time flip / crop averaging on the test set")
+    ap.add_argument(
+        "--tta",
+        action="store_true",
+        help="also flip / crop averaging outside the model, from the original files (for the base backbone and "
+        "--tta none models; `simsearch train --tta` builds the views into the model)",
+    )
     ap.add_argument("--fixed-head", type=int, default=0, help="also the reference linear head, this many epochs")
     a = ap.parse_args()
     cache = a.cache or Path(tempfile.mkdtemp(prefix="simsearch-objects-cache-"))

@@ -637,6 +637,10 @@ def train_cmd(
     pooling: Annotated[str, typer.Option("--pooling", help="Backbone pooling under the head: rmac, avg, max, gem.")] = (
         "rmac"
     ),
+    tta: Annotated[
+        str,
+        typer.Option("--tta", help="Test-time views the model averages: none, flip, flip-crop (4x embed time)."),
+    ] = "flip-crop",
     as_json: JsonFlag = False,
 ) -> None:
     """Adapt a backbone to your labelled images; the MODEL_DIR then works as --backbone everywhere."""
@@ -650,7 +654,7 @@ def train_cmd(
                     val_split=val_split, split_by=split_by, seed=seed, labels=labels, loss=loss,
                     overwrite=overwrite, input_size=input_size, progress=shown.train, refit=refit,
                     whiten=whiten, augment=augment, unfreeze=unfreeze, views=views,
-                    head_views=head_views, pooling=pooling)  # fmt: skip
+                    head_views=head_views, pooling=pooling, tta=tta)  # fmt: skip
     if as_json:
         _emit(res.to_json())
     else:
@@ -665,7 +669,8 @@ def train_cmd(
         ft = f" + finetune {c['finetune_epochs']} epochs (cut {c['cut']})" if c.get("finetune_epochs") else ""
         again = f"refit on all {r['images']} images of {r['labels']} labels" if r.get("done") else "no refit"
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
-        typer.echo(f"Chose {c['mode']}: head {c['head_epochs']} epochs{ft}; {again}. Time per phase: {phases}.")
+        views = "" if c.get("tta", "none") == "none" else f" Test-time views averaged: {c['tta']}."
+        typer.echo(f"Chose {c['mode']}: head {c['head_epochs']} epochs{ft}; {again}.{views} Time per phase: {phases}.")
         for w in res.warnings:
             typer.echo(f"simsearch: warning: {w}", err=True)
         typer.echo(f"Index with it: simsearch index FOLDER --backbone {res.model_dir}")

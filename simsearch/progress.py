@@ -46,9 +46,12 @@ def _describe(phase: str, info: dict[str, Any]) -> str:
         if info.get("val_map") is not None:
             parts.append(f"val mAP {info['val_map']:.4f}")
         return "  ".join(parts)
-    return {"features": "backbone features", "views": "augmented views", "views-val": "validation views"}.get(
-        phase, phase
-    )
+    return {
+        "features": "backbone features",
+        "views": "augmented views",
+        "views-val": "validation views",
+        "tta": "held-out test-time views",
+    }.get(phase, phase)
 
 
 @contextmanager

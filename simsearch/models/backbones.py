@@ -498,8 +498,11 @@ def resolve_backbone(
 
 def register_custom_layers() -> None:
     """Make simsearch's own Keras layers known to the loader (before loading a saved model)."""
+    from .tta import register_tta_layers
+
     _gem_class or _gem_layer()
     _rmac_class or _rmac_layer()
+    register_tta_layers()
 
 
 def _build(spec: BackboneSpec) -> Backbone:

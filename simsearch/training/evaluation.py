@@ -52,6 +52,8 @@ def evaluate(
             raise BadInputError("fewer than 2 labels with 2 readable images: nothing to evaluate")
         m = retrieval_metrics(vecs[keep], lab[keep], target_precision=target_precision)
         row = {"backbone": emb.backbone.name, **m.to_json(), "skipped": len(errors)}
+        if is_model_dir(name):  # models trained before test-time views existed have none
+            row["tta"] = read_manifest(name, verify=False).get("tta", "none")
         if heldout is not None and is_model_dir(name):
             refit = read_manifest(name, verify=False).get("training", {}).get("refit") or {}
             row["heldout_trained_on"] = bool(refit.get("done"))

@@ -128,3 +128,56 @@ def augmented_features(
     np.save(tmp, out)
     os.replace(tmp, cache)
     return out.astype(np.float32)
+
+
+def tta_features(
+    embedder: object, paths: list[str], views: tuple[str, ...] | list[str], progress: ProgressFn | None = None
+) -> np.ndarray:
+    """(len(paths), len(views), d) frozen features of fixed test-time views of each image (`models.tta`), cached.
+
+    Each image is loaded at the model's input size and fit as for its plain feature, then each view is made with
+    the op the exported model's TTA layer runs (`tta.view_pixels`), so a held-out figure computed from these
+    features is what the exported model computes. An unreadable file gets zeros.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..images import ImageLoadError, load_image
+    from ..models.tta import CROP, view_pixels
+
+    views = list(views)
+    sig = embedder.signature()  # type: ignore[attr-defined]
+    size, fit = embedder.backbone.input_size, embedder.fit  # type: ignore[attr-defined]
+    tag = f"{fit}|{','.join(views)}|crop{CROP}"  # the views' own parameters: a change recomputes them
+    cache = features_cache_dir() / f"tta-{_key(sig, tag, paths)}.npy"
+    if cache.is_file():
+        try:
+            out = np.load(cache, allow_pickle=False)
+            if out.shape[:2] == (len(paths), len(views)):
+                return out.astype(np.float32)
+        except (OSError, ValueError):
+            pass
+    out = np.zeros((len(paths), len(views), embedder.dim), np.float32)  # type: ignore[attr-defined]
+
+    def load(i: int) -> np.ndarray | None:
+        try:
+            return load_image(paths[i], size, fit)
+        except ImageLoadError:
+            return None
+
+    step = 32
+    with ThreadPoolExecutor(2) as pool:
+        for start in range(0, len(paths), step):
+            idx = list(range(start, min(len(paths), start + step)))
+            good = [(i, x) for i, x in zip(idx, pool.map(load, idx), strict=True) if x is not None]
+            if good:
+                x = np.stack([p for _, p in good])
+                rows = [i for i, _ in good]
+                for j, v in enumerate(views):
+                    out[rows, j] = embedder.embed_pixels(view_pixels(x, v))  # type: ignore[attr-defined]
+            if progress:
+                progress("tta", idx[-1] + 1, len(paths))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, out)
+    os.replace(tmp, cache)
+    return out

@@ -120,11 +120,17 @@ def view_activations(
     progress: Callable[[str, int, int], None] | None = None,
     batch: int = 32,
     augment: str = "light",
+    fixed: tuple[str, ...] | list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(activations (n_ok, views, h, w, c) float16, indices of readable paths); view 0 is the plain image."""
+    """(activations (n_ok, views, h, w, c) float16, indices of readable paths); view 0 is the plain image.
+
+    `fixed`: instead of random augmentations, these named test-time views (`models.tta`) of the plain image, made
+    with the op the exported model runs; `views` must be their number.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from ..models._keras import tensorflow
+    from ..models.tta import view_pixels
 
     tf = tensorflow()
     fn = tf.function(lower, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
@@ -134,6 +140,8 @@ def view_activations(
     def load(i: int) -> list[np.ndarray] | None:
         try:
             plain = load_image(paths[i], size, fit)
+            if fixed is not None:
+                return [view_pixels(plain[None], v)[0] for v in fixed]
             r = [np.random.default_rng(int(s)) for s in seeds[i, 1:]]
             return [plain] + [augmented_view(paths[i], size, fit, g, augment) for g in r]
         except ImageLoadError:

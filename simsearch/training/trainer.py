@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..models.backbones import DEFAULT_BACKBONE, DEFAULT_POOLING, resolve_backbone
 from ..models.embedder import DEFAULT_FIT
+from ..models.tta import DEFAULT_TTA, average_views, views_of
 from .labels import LabelledSet, Split, load_labelled, split
 from .metrics import retrieval_metrics
 
@@ -91,6 +92,7 @@ def train(
     augment: str = "light",
     unfreeze: float = 0.25,
     head_views: int = 0,
+    tta: str = DEFAULT_TTA,
 ) -> TrainResult:
     """Adapt `backbone` to the labelled images of `folder` and write a MODEL_DIR to `out` (see module docs).
 
@@ -102,6 +104,9 @@ def train(
     labels; then, with `refit` (default), the chosen settings are trained again on every label, held-out ones too,
     for exactly the chosen epochs, so no labelled image is wasted. The reported held-out metrics are those of the
     selection run (the refit model has seen those images). `whiten`: see `heads.pca_init`.
+
+    `tta` (`models.tta`): the test-time views the exported model averages ("none", "flip", "flip-crop"); the
+    held-out figures that select epochs and that are reported average the same views, computed the same way.
     """
     from .heads import LOSSES
 
@@ -124,6 +129,7 @@ def train(
         raise BadInputError(f"--whiten must be in [0, 1], got {whiten}")
     if epochs is not None and epochs < 1:
         raise BadInputError("--epochs must be at least 1")
+    tta_views = views_of(tta)
     out = Path(out).expanduser().absolute()
     if out.exists() and not overwrite:
         raise BadInputError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
@@ -149,6 +155,7 @@ def train(
         clock[0] = now
 
     emb = Embedder(spec, fit=fit, seed=seed)
+    spec = emb.backbone.spec  # a .keras file's input size is known once it is built
     note = progress or (lambda *a: None)
     feats, ok, errors = extract_features(emb, data.paths, lambda ph, d, t: note(ph, d, t, {}))
     lap("features")
@@ -168,7 +175,15 @@ def train(
                                 lambda ph, d, t: note("views", d, t, {}))  # fmt: skip
         x_tr, x_va = xv[[row[i] for i in tr]], xv[[row[i] for i in va]]
         lap("views")
-    before = retrieval_metrics(f_va, y_va, target_precision=None)
+    # the exported model's test-time views of the held-out images (view 0: the plain features above)
+    v_va = f_va[:, None]
+    if len(tta_views) > 1:
+        from .features import tta_features
+
+        extra = tta_features(emb, [data.paths[i] for i in va], tta_views[1:], lambda ph, d, t: note("tta", d, t, {}))
+        v_va = np.concatenate([v_va, extra], axis=1)
+        lap("tta")
+    before = retrieval_metrics(f_va, y_va, target_precision=None)  # the base backbone as `eval` scores it
 
     from ..models._keras import keras
 
@@ -178,7 +193,12 @@ def train(
     head_cfg = cfg if mode == "head" else DEFAULTS["head"]
     fitter = _HeadFit(f_tr, y_tr_dense, dim, dropout, seed, loss, head_cfg["lr"], weight_decay, whiten, x_tr)
     head = fitter.head
-    init = retrieval_metrics(fitter.embed(f_va), y_va, target_precision=None)
+
+    def embed_va(fit_: _HeadFit) -> np.ndarray:
+        """The held-out embeddings the exported model would give: its TTA views averaged."""
+        return average_views([fit_.embed(v_va[:, j]) for j in range(v_va.shape[1])])
+
+    init = retrieval_metrics(embed_va(fitter), y_va, target_precision=None)
     rng = np.random.default_rng(seed)
     history: list[dict[str, Any]] = []
     state = _Loop(history, note, warnings)
@@ -187,7 +207,7 @@ def train(
     sample = rng.permutation(len(tr))[:1500]
 
     def head_eval() -> tuple[float, float, float]:
-        m = retrieval_metrics(fitter.embed(f_va), y_va, target_precision=None)
+        m = retrieval_metrics(embed_va(fitter), y_va, target_precision=None)
         return retrieval_metrics(fitter.embed(f_tr[sample]), y_tr[sample], target_precision=None).map, m.map, m.p_at_1
 
     state.run("head", head_cfg["epochs"], head_cfg["patience"], lambda: fitter.epoch(head_cfg["batch_size"], rng),
@@ -197,7 +217,8 @@ def train(
     cut, ft_metrics = None, None
     if mode == "finetune" and not state.interrupted:
         cut, ft_metrics = _finetune(bb, spec, data, tr, va, y_tr_dense, y_va, fitter, cfg, views, fit, seed, loss,
-                                    weight_decay, rng, state, note, augment=augment, unfreeze=unfreeze)  # fmt: skip
+                                    weight_decay, rng, state, note, augment=augment, unfreeze=unfreeze,
+                                    tta_views=tta_views)  # fmt: skip
         lap("finetune")
     timings["select"] = round(timings.get("head", 0.0) + timings.get("finetune", 0.0), 2)
     best = state.best_entry()
@@ -205,7 +226,7 @@ def train(
     head_epochs = _best_count(history, "head")
     ft_epochs = _best_count(history, "finetune") if tag == "finetune" else 0
     # held-out metrics of the selected model (head: on the cached features, which is what the model computes)
-    final_va = ft_metrics if tag == "finetune" else retrieval_metrics(fitter.embed(f_va), y_va)
+    final_va = ft_metrics if tag == "finetune" else retrieval_metrics(embed_va(fitter), y_va)
 
     # ---- refit: the chosen settings again, on every label (held-out ones too) ---------------------------------
     refit_info: dict[str, Any] = {"done": False}
@@ -237,12 +258,15 @@ def train(
     chosen = {"mode": tag, "loss": loss, "head_epochs": head_epochs, "finetune_epochs": ft_epochs or None,
               "cut": cut if tag == "finetune" else None, "whiten": whiten,
               "augment": augment if tag == "finetune" or head_views else None, "head_views": head_views,
-              "refit": bool(refit_info["done"])}  # fmt: skip
+              "refit": bool(refit_info["done"]), "tta": tta}  # fmt: skip
 
     # ---- export --------------------------------------------------------------------------------------------------
+    from ..models.tta import with_tta
+
     inp = k.Input((spec.input_size, spec.input_size, 3), name="image")
-    model = k.Model(inp, head(k.layers.UnitNormalization(name="features_norm")(bb.model(inp))),
-                    name="simsearch_trained")  # fmt: skip
+    core_name = "simsearch_trained" if tta == "none" else "simsearch_embed"
+    model = k.Model(inp, head(k.layers.UnitNormalization(name="features_norm")(bb.model(inp))), name=core_name)
+    model = with_tta(model, tta, spec.input_size)
     manifest = {
         "simsearch_version": _version(),
         "base": {**spec.signature(bb.dim), "fit": fit, "seed": seed},
@@ -251,6 +275,8 @@ def train(
         "fit": fit,
         "dim": dim,
         "pooling": f"{spec.pooling}+head",
+        "tta": tta,
+        "tta_views": list(tta_views),
         "training": {
             "mode": mode, "loss": loss, "files": len(tr) + len(va), "labels": len(set(data.labels)),
             "files_digest": data.digest(), "split": sp.to_json(data), "best_epoch": best.get("epoch"),
@@ -417,10 +443,12 @@ class _Loop:
 def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndarray, y_tr: np.ndarray,
               y_va: np.ndarray, fitter: _HeadFit, cfg: dict, views: int, fit: str, seed: int, loss: str,
               weight_decay: float, rng: np.random.Generator, state: _Loop, note: TrainProgress,
-              select: bool = True, augment: str = "light", unfreeze: float = 0.25) -> tuple[str, Any]:  # fmt: skip
+              select: bool = True, augment: str = "light", unfreeze: float = 0.25,
+              tta_views: tuple[str, ...] = ("plain",)) -> tuple[str, Any]:  # fmt: skip
     """Phase 2: train the backbone's upper part with the head on cached activations of augmented views.
 
-    `select=False` (refit): no validation views are computed and the held-out metrics returned are None.
+    `select=False` (refit): no validation views are computed and the held-out metrics returned are None. The
+    held-out images are scored as the exported model embeds them: `tta_views` averaged.
     """
     head, loss_fn, head_vars = fitter.head, fitter.loss_fn, fitter.vars
     from ..models._keras import keras, tensorflow
@@ -436,8 +464,8 @@ def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndar
     a_tr, ok_tr = view_activations(lower, prep, [paths[i] for i in tr], size, fit, views, seed,
                                    lambda ph, d, t: note("views", d, t, {}), augment=augment)  # fmt: skip
     va = va if select else va[:0]
-    a_va, ok_va = view_activations(lower, prep, [paths[i] for i in va], size, fit, 1, seed,
-                                   lambda ph, d, t: note("views-val", d, t, {}))  # fmt: skip
+    a_va, ok_va = view_activations(lower, prep, [paths[i] for i in va], size, fit, len(tta_views), seed,
+                                   lambda ph, d, t: note("views-val", d, t, {}), fixed=tta_views)  # fmt: skip
     y_tr, y_va = y_tr[ok_tr], y_va[ok_va]
     up_vars = upper.trainable_variables
     opt_h = k.optimizers.AdamW(learning_rate=cfg["lr"], weight_decay=weight_decay)
@@ -470,8 +498,11 @@ def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndar
             out.append(float(step(a_tr[b, v].astype(np.float32), y_tr[b])))
         return out
 
+    def embed_va() -> np.ndarray:
+        return average_views([run_embed(a_va[:, j]) for j in range(a_va.shape[1])])
+
     def evaluate() -> tuple[float, float, float]:
-        m = retrieval_metrics(run_embed(a_va[:, 0]), y_va, target_precision=None)
+        m = retrieval_metrics(embed_va(), y_va, target_precision=None)
         t = retrieval_metrics(run_embed(a_tr[sample, 0]), y_tr[sample], target_precision=None)
         return t.map, m.map, m.p_at_1
 
@@ -479,7 +510,7 @@ def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndar
     state.run("refit-finetune" if not select else "finetune", cfg["epochs"], cfg["patience"], epoch,
               evaluate if select else None, lambda: [v.numpy().copy() for v in all_vars],
               lambda s: [v.assign(x) for v, x in zip(all_vars, s, strict=True)])  # fmt: skip
-    return cut, retrieval_metrics(run_embed(a_va[:, 0]), y_va) if select else None
+    return cut, retrieval_metrics(embed_va(), y_va) if select else None
 
 
 def _write(out: Path, model: Any, manifest: dict[str, Any], history: list[dict[str, Any]], data: LabelledSet,
