@@ -304,3 +304,25 @@ def test_dedup_from_the_vector_file_equals_dedup_from_copies(tmp_path: Path, mon
     slots = finder.find_duplicates(idx.store, 0.95)
     assert [g.files for g in slots.groups] == [g.files for g in copies.groups]
     assert sum(g.kind == "exact" for g in slots.groups) == 10 and len(slots.groups) == 10 + 197
+
+
+def test_a_query_near_small_lists_looks_wider_instead_of_scanning_everything(tmp_path: Path, monkeypatch) -> None:
+    """With nprobe 1, a query whose nearest list holds fewer than k rows comes back short from FAISS: the store
+    searches again with a wider nprobe (a few lists), not an exact scan of every vector."""
+    idx, vecs, _ = make(tmp_path, "ivf", 6000)
+    store = idx.store
+    structure = store.faiss_index
+    inner = ann._inner(structure)
+    sizes = np.array([inner.invlists.list_size(i) for i in range(inner.nlist)])
+    small = int(np.argmin(sizes))
+    assert sizes[small] < 10
+    q = inner.quantizer.reconstruct(small)[None].astype(np.float32)  # the small list's own centroid
+    q /= np.linalg.norm(q)
+    scans: list[tuple[int, int]] = []
+    real_scan = store._scan
+    monkeypatch.setattr(store, "_scan", lambda q_, lo, hi, k: scans.append((lo, hi)) or real_scan(q_, lo, hi, k))
+    scores, ids = store.search(q, 10, param=1)
+    assert (ids >= 0).all() and scans == []  # full answer, no scan
+    truth = exact_top(vecs, q, 10)[0] + 1  # ids start at 1
+    assert len(set(ids[0].tolist()) & set(truth.tolist())) >= 8
+    np.testing.assert_allclose(scores[0], vecs[ids[0] - 1] @ q[0], rtol=1e-5, atol=1e-6)  # exact cosines

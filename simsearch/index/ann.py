@@ -196,12 +196,30 @@ def search_params(index: Any, value: int | None) -> Any:
     return None
 
 
+def wider_params(index: Any, value: int | None) -> Any:
+    """SearchParameters that look 8 times further than `value` (or the structure's own setting), for queries whose
+    first search found fewer than k rows (an IVF query near small lists); None when nothing wider exists."""
+    inner = _inner(index)
+    name = param_name(index)
+    if name == "nprobe":
+        now = int(value or inner.nprobe)
+        wider = min(int(inner.nlist), max(8 * now, 16))
+    elif name == "efSearch":
+        now = int(value or inner.hnsw.efSearch)
+        wider = min(4096, max(8 * now, 128))
+    else:
+        return None
+    return search_params(index, wider) if wider > now else None
+
+
 def candidates(k: int, index: Any = None, coarse: bool | None = None) -> int:
     """How many candidates a structure returns for re-scoring to a final k (more for coarse PQ codes).
     `coarse`: `is_coarse(index)`, when the caller already knows it."""
     if coarse is None:
         coarse = index is not None and is_coarse(index)
-    return max(10 * k, k + 100) if coarse else max(4 * k, k + 30)
+    # fine codes (SQ8, flat, HNSW) rank well: at 1M (IVF2048,SQ8, nprobe 2) 15 candidates for k=10 give recall@10
+    # 0.986, as 40 do, and 10 give 0.967; each candidate is one more row read from the vector file
+    return max(10 * k, k + 100) if coarse else k + max(5, k // 2)
 
 
 def is_coarse(index: Any) -> bool:

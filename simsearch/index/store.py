@@ -605,6 +605,7 @@ class IndexStore:
         if index is None:  # exact: the scan's scores are the final ones; removed (zeroed) slots are dropped
             return self._exact(q, want, n_slots)
         cand: list[np.ndarray] = []
+        fetch = 0
         if index is not None:
             fetch, params = self._search_setup(index, k, param)
             _, ids = index.search(q, fetch, params=params)
@@ -613,6 +614,15 @@ class IndexStore:
             cand.append(self._scan(q, covered + 1, n_slots, want + self._dead_in(covered + 1, n_slots)))
         scores, ids = self._rescore(q, np.concatenate(cand, axis=1), want, (count, top))
         short = (ids < 0).any(axis=1)
+        if short.any() and index is not None:  # near small lists: look 8x further before scanning everything
+            from .ann import wider_params
+
+            wider = wider_params(index, param)
+            if wider is not None:
+                more = [c[short] for c in cand]
+                more.append(index.search(q[short], fetch, params=wider)[1])
+                scores[short], ids[short] = self._rescore(q[short], np.concatenate(more, axis=1), want)
+                short = (ids < 0).any(axis=1)
         if short.any():  # a structure can miss rows when few are left: an exact pass fills those queries
             full = self._scan(q[short], 0, n_slots, want + self._dead_in(0, n_slots))
             scores[short], ids[short] = self._rescore(q[short], full, want)
