@@ -262,18 +262,22 @@ _LITERT_USED: list[bool] = []  # a CompiledModel was made: silence LiteRT's exit
 
 
 def _close_half_runners() -> None:
-    """Silence LiteRT's exit: its runtime logs a line per accelerator from C++ static destructors, after every
-    Python exit handler. Registered after LiteRT is imported, so it runs first: by then the program's own output
-    (tracebacks included) is written, so the rest of the shutdown goes to /dev/null (SIMSEARCH_DEBUG=1 keeps it)."""
+    """Silence LiteRT's exit: its runtime logs a line per accelerator from C++ static destructors, after Python
+    has finished. Registered after LiteRT is imported, so it runs before the other exit handlers: file descriptor 2
+    goes to /dev/null for native code, and `sys.stderr` moves to a copy of the real stderr, so Python's own last
+    words (other exit handlers, ignored exceptions) still show. SIMSEARCH_DEBUG=1 keeps everything."""
     if not _LITERT_USED or os.environ.get("SIMSEARCH_DEBUG"):
         return
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        real = os.dup(2)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
+    except OSError:
+        return
+    sys.stderr = open(real, "w", buffering=1, errors="backslashreplace")  # noqa: SIM115 (lives until exit)
 
 
 @functools.cache
