@@ -9,6 +9,7 @@ for m in idx.search("query.jpg", k=5):
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ def default_index_path(folder: str | Path) -> Path:
     else:
         name = Path(os.path.abspath(Path(folder).expanduser())).name or "root"
     return Path.cwd() / "indexes" / name
+
+
+MAX_HASHED_QUERY = 256 << 20  # a bigger query file (a video is handled apart) is embedded without a look-up
 
 
 class SimIndex:
@@ -317,7 +321,25 @@ class SimIndex:
             if row is not None:
                 return self.store.vectors([row.id])[0]
             query = str(p)
+        stored = self._stored_copy(query)
+        if stored is not None:
+            return stored
         return self.embedder.embed_one(query)
+
+    def _stored_copy(self, query: Any) -> np.ndarray | None:
+        """The stored vector of an indexed file with the same bytes as the query (a path or bytes), if any: the
+        same content gets the same vector, as in a sync, whatever arithmetic embedded the index."""
+        data = query if isinstance(query, (bytes, bytearray)) else None
+        if isinstance(query, str) and not is_url(query):
+            try:
+                with open(query, "rb") as f:
+                    data = f.read(MAX_HASHED_QUERY + 1)
+            except OSError:
+                return None
+        if data is None or len(data) > MAX_HASHED_QUERY:
+            return None
+        rows = self.store.rows_by_sha([hashlib.sha256(data).hexdigest()])
+        return self.store.vectors([rows[0].id])[0] if rows else None
 
     def search(
         self,

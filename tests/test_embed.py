@@ -133,12 +133,13 @@ def test_auto_precision_runs_float16_where_native_and_keeps_the_vectors(monkeypa
     from simsearch.errors import IndexMismatchError
     from simsearch.models import tflite_exec
 
-    photos = [skimage_photo(n) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+    photos = [skimage_photo(n) for n in ("astronaut", "coffee", "chelsea", "rocket")] * 2  # 8: a bulk call
     keras_vecs = Embedder(engine="keras").embed(photos).vectors
     if tflite_exec.native_fp16():
         auto = Embedder(precision="auto")
-        assert auto.precision == "fp16" and auto.engine_name == "tflite-fp16-native"
+        assert auto.precision == "fp16" and auto.engine_name == "tflite-fp16"
         assert np.sum(auto.embed(photos).vectors * keras_vecs, axis=1).min() >= 0.998
+        assert auto.engine_name == "tflite-fp16-native"
     monkeypatch.setenv("SIMSEARCH_NATIVE_FP16", "0")
     tflite_exec.native_fp16.cache_clear()
     try:
@@ -150,3 +151,32 @@ def test_auto_precision_runs_float16_where_native_and_keeps_the_vectors(monkeypa
     finally:
         monkeypatch.delenv("SIMSEARCH_NATIVE_FP16")
         tflite_exec.native_fp16.cache_clear()
+
+
+def test_a_query_with_the_bytes_of_an_indexed_file_gets_its_stored_vector(tmp_path: Path) -> None:
+    """Same content, same vector (as a sync does): an exact copy kept elsewhere scores 1.0 against its original,
+    whichever arithmetic embedded the index; other bytes are embedded."""
+    import shutil
+
+    from simsearch.api import SimIndex
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for n in ("astronaut", "coffee", "chelsea"):
+        (lib / f"{n}.jpg").write_bytes(_jpeg(skimage_photo(n)))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(lib / "coffee.jpg", outside / "copy.jpg")
+    Image.fromarray(skimage_photo("coffee")).save(outside / "reencoded.jpg", quality=60)
+    with SimIndex.create(tmp_path / "idx") as idx:
+        idx.add_folder(lib)
+        row = idx.store.row_by_path(str(lib / "coffee.jpg"))
+        stored = idx.store.vectors([row.id])[0]
+        embedded: list[str] = []
+        real = idx.embedder.embed_one
+        idx.embedder.embed_one = lambda q: embedded.append(str(q)) or real(q)
+        np.testing.assert_array_equal(idx.vector_for(outside / "copy.jpg"), stored)
+        assert idx.search(str(outside / "copy.jpg"), k=1)[0].score == 1.0
+        assert embedded == []  # known content: looked up, not embedded
+        assert not np.array_equal(idx.vector_for(outside / "reencoded.jpg"), stored)
+        assert embedded == [str(outside / "reencoded.jpg")]

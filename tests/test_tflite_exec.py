@@ -269,9 +269,27 @@ def test_a_model_that_overflows_float16_runs_in_float32() -> None:
     big = k.layers.Conv2D(8, 3, kernel_initializer=k.initializers.Constant(50.0))(big)
     data = convert_keras_to_tflite(k.Model(inp, k.layers.GlobalAveragePooling2D()(big)), "fp32")
     runner = tflite_exec.make_runner(data, half=True)
-    assert isinstance(runner, TFLiteRunner)
+    runner.name = "tflite-fp16"
+    np.testing.assert_allclose(runner(_images(8, seed=6)), TFLiteRunner(data)(_images(8, seed=6)), rtol=1e-5)
+    assert runner.name == "tflite-fp16"  # the probe failed: still float32 after a bulk call
     half = tflite_exec.HalfRunner(data)
     assert not half.agrees()
     got = half(_images(3, seed=5))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, half.float32_runner()(_images(3, seed=5)), rtol=1e-5)
+
+
+@needs_native_fp16
+def test_float16_starts_with_the_first_bulk_call(fp32_bytes: bytes) -> None:
+    """A one-image call (a query) runs float32, without LiteRT's start-up; from the first call of 8 or more
+    images on, every call runs float16."""
+    runner = tflite_exec.make_runner(fp32_bytes, half=True)
+    runner.name = "tflite-fp16"
+    full, half = TFLiteRunner(fp32_bytes), tflite_exec.HalfRunner(fp32_bytes)
+    one = _images(1, seed=30)
+    np.testing.assert_array_equal(runner(one), full(one))
+    assert runner.name == "tflite-fp16"
+    bulk = _images(8, seed=31)
+    np.testing.assert_array_equal(runner.submit(bulk).result(), half(bulk))
+    assert runner.name == "tflite-fp16-native"
+    np.testing.assert_array_equal(runner(one), half(one))

@@ -131,10 +131,10 @@ class _ShippedEmbedder(Embedder):
         super().__init__(backbone, **options)
 
     def _make_engine(self, engine: str, precision: str, representative: Iterable[Any] | None) -> Any:
-        from ..models.tflite_exec import HalfRunner, make_runner
+        from ..models.tflite_exec import make_runner
 
         runner = make_runner(self._model, num_threads=self._threads, half=precision == "fp16")
-        runner.name = f"tflite-{precision}" + ("-native" if isinstance(runner, HalfRunner) else "")
+        runner.name = f"tflite-{precision}"
         return runner
 
 

@@ -121,7 +121,7 @@ def _tflite_engine(backbone: Backbone, precision: str, fit: str, representative:
             lambda: backbone.model, precision=_file_precision(precision), representative=representative,
         )  # fmt: skip
     runner = tflite_exec.make_runner(path, half=precision == "fp16")
-    runner.name = f"tflite-{precision}" + ("-native" if isinstance(runner, tflite_exec.HalfRunner) else "")
+    runner.name = f"tflite-{precision}"  # a BulkHalfRunner adds "-native" once it computes in float16
     return runner
 
 
