@@ -169,15 +169,17 @@ class VectorFile:
             return self._map
 
     def read(self, ids: Iterable[int]) -> np.ndarray:
-        idx = np.asarray(list(ids), dtype=np.int64)
+        idx = ids if isinstance(ids, np.ndarray) and ids.dtype == np.int64 else np.asarray(list(ids), dtype=np.int64)
         if len(idx) == 0:
             return np.zeros((0, self.dim), np.float32)
-        m = self.view(int(idx.max()) + 1)
-        if int(idx.max()) >= len(m):
+        top = int(idx.max())
+        m = self.view(top + 1)
+        if top >= len(m):
             raise IndexCorruptError(f"{self.path} is shorter than the index says (truncated?); recover with --rebuild")
         if 1 < len(idx) <= PREFETCH_ROWS:
             self._prefetch(m, idx)
-        return np.asarray(m[idx], dtype=np.float32)  # fancy indexing already copied out of the map: no second copy
+        # a plain array over the map: fancy indexing copies the rows out, without np.memmap's per-call overhead
+        return m.view(np.ndarray)[idx]
 
     def _prefetch(self, m: np.ndarray, idx: np.ndarray) -> None:
         """Ask the OS for every row at once (MADV_WILLNEED): rows not in memory are then read in parallel instead
@@ -186,7 +188,7 @@ class VectorFile:
         advise = getattr(mm, "madvise", None)
         if advise is None or not hasattr(mmap, "MADV_WILLNEED"):
             return
-        for i in np.unique(idx).tolist():
+        for i in set(idx.tolist()):
             start = i * self.row_bytes
             page = start - start % mmap.PAGESIZE
             try:
@@ -685,7 +687,7 @@ class IndexStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of candidate ids from the stored vectors; removed ids dropped; top k per query.
         `counts`: `_counts()` when the caller just read it."""
-        flat = np.unique(cand[cand >= 0])
+        flat = _sorted_unique(cand[cand >= 0])
         count, top = counts or self._counts()
         if count == top:  # ids 1..top all live (nothing ever removed): no need to ask SQLite, per query
             live = flat[(flat >= 1) & (flat <= top)]
@@ -700,7 +702,7 @@ class IndexStore:
         pos = np.clip(pos, 0, len(live) - 1)
         ok = (cand >= 0) & (live[pos] == cand)
         for r in range(len(q)):
-            c = np.unique(pos[r][ok[r]])
+            c = _sorted_unique(pos[r][ok[r]])
             if len(c) == 0:
                 continue
             s = vecs[c] @ q[r]
@@ -946,3 +948,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as e:
         raise IndexCorruptError(f"index database {path} is damaged ({e}); rebuild it with --rebuild") from e
     return conn
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """`np.unique` of a small 1-D array (a query's candidates), at a fraction of its per-call cost."""
+    x = np.sort(x, axis=None)
+    return x[np.concatenate(([True], x[1:] != x[:-1]))] if len(x) > 1 else x
