@@ -51,6 +51,8 @@ def main() -> int:
                                   ("int8", "int8", calib), ("int8-dynamic", "int8", None)):  # fmt: skip
         emb = Embedder(bb, precision=precision, representative=rep, engine="tflite")
         vecs, rate = run(emb.engine, x)
+        if emb.engine_name.endswith("-native"):  # float16 arithmetic on this CPU, not float16 weights only
+            label += " native"
         if ref is None:
             ref = vecs
             index = faiss.IndexFlatIP(ref.shape[1])
