@@ -321,14 +321,14 @@ class SimIndex:
             if row is not None:
                 return self.store.vectors([row.id])[0]
             query = str(p)
-        stored = self._stored_copy(query)
+        stored = self.known_vector(query)
         if stored is not None:
             return stored
         return self.embedder.embed_one(query)
 
-    def _stored_copy(self, query: Any) -> np.ndarray | None:
-        """The stored vector of an indexed file with the same bytes as the query (a path or bytes), if any: the
-        same content gets the same vector, as in a sync, whatever arithmetic embedded the index."""
+    def known_vector(self, query: Any) -> np.ndarray | None:
+        """The stored vector of an indexed file with the same bytes as `query` (a local path or bytes), or None:
+        the same content gets the same vector, as in a sync, whatever arithmetic embedded the index."""
         data = query if isinstance(query, (bytes, bytearray)) else None
         if isinstance(query, str) and not is_url(query):
             try:

@@ -294,9 +294,10 @@ class ServeState:
             raise TooLargeError(f"upload over the limit of {self.config.max_upload_bytes} bytes")
         with self.lock:
             emb = self.index().embedder
+            known = self.index().known_vector(data)  # the bytes of an indexed file: its stored vector
         # decoded under the process's decode budget; over the pixel limit: ImageTooLargeError, answered 413
         pixels, (w, h) = load_encoded(data, emb.backbone.input_size, emb.fit, max_pixels=self.config.max_pixels)
-        vec = emb.embed_pixels(pixels[None])
+        vec = known[None] if known is not None else emb.embed_pixels(pixels[None])
         with self.lock:
             idx = self.index()
             _faiss_threads(1)
