@@ -519,13 +519,13 @@ class SimIndex:
         shas = self._videos()
         fetch = k + min(len(shas), 4 * k)  # whole-video rows are dropped from the hits: room for them
         scores, ids = self.store.search(vectors, fetch, param=nprobe, exact=exact)
-        rows = self.store.rows({int(i) for i in ids.ravel() if i >= 0})
+        paths = self.store.paths({int(i) for i in ids.ravel() if i >= 0})
         out = []
-        for srow, irow in zip(scores, ids, strict=True):
+        for srow, irow in zip(scores.tolist(), ids.tolist(), strict=True):
             hits = [
-                Match(rows[int(i)].path, float(min(1.0, max(-1.0, s))), int(i))
+                Match(paths[i], min(1.0, max(-1.0, s)), i)
                 for s, i in zip(srow, irow, strict=True)
-                if i >= 0 and int(i) in rows and (min_score is None or s >= min_score)
+                if i >= 0 and i in paths and (min_score is None or s >= min_score)
             ]
             # Exact duplicates tie at 1.0: the query's own entry goes first.
             hits.sort(key=lambda m: (-round(m.score, 6), m.id != first_id, m.path))

@@ -551,6 +551,10 @@ class IndexStore:
     def rows(self, ids: Iterable[int]) -> dict[int, Row]:
         return {r[0]: Row(*r) for r in self._in_query(f"SELECT {_ROW_COLS} FROM images WHERE id IN ({{}})", list(ids))}
 
+    def paths(self, ids: Iterable[int]) -> dict[int, str]:
+        """id -> path of those of `ids` that are indexed (what a search answer needs, and no more)."""
+        return dict(self._in_query("SELECT id, path FROM images WHERE id IN ({})", list(ids)))
+
     def row_by_path(self, path: str) -> Row | None:
         r = self.conn.execute(f"SELECT {_ROW_COLS} FROM images WHERE path=?", (path,)).fetchone()
         return Row(*r) if r else None
@@ -698,6 +702,11 @@ class IndexStore:
         if len(live) == 0:
             return scores, ids
         vecs = self.vectors_file.read(live)
+        if len(q) == 1:  # one query (the common case): its candidates are exactly `live`
+            s = vecs @ q[0]
+            best = np.argsort(-s, kind="stable")[:k]
+            scores[0, : len(best)], ids[0, : len(best)] = s[best], live[best]
+            return scores, ids
         pos = np.searchsorted(live, np.clip(cand, 0, None))
         pos = np.clip(pos, 0, len(live) - 1)
         ok = (cand >= 0) & (live[pos] == cand)
