@@ -261,7 +261,7 @@ def native_fp16() -> bool:
 _LITERT_USED: list[bool] = []  # a CompiledModel was made: silence LiteRT's exit
 
 
-def _close_half_runners() -> None:
+def _quiet_exit() -> None:
     """Silence LiteRT's exit: its runtime logs a line per accelerator from C++ static destructors, after Python
     has finished. Registered after LiteRT is imported, so it runs before the other exit handlers: file descriptor 2
     goes to /dev/null for native code, and `sys.stderr` moves to a copy of the real stderr, so Python's own last
@@ -325,7 +325,7 @@ class HalfRunner:
                 self._setup()
             if not _LITERT_USED:
                 _LITERT_USED.append(True)
-                atexit.register(_close_half_runners)
+                atexit.register(_quiet_exit)
         except Exception as e:
             raise ValueError(f"cannot load TFLite model for float16: {_one_line(e)}") from e
         self._float32: TFLiteRunner | None = None
