@@ -179,7 +179,7 @@ def main() -> int:
     print(f"decode + resize only:   {res['decode_img_s']:8.1f} img/s ({workers} threads)")
     print(f"Keras Model.predict:    {res['keras_predict_img_s']:8.1f} img/s (model only, {len(keras_batches)} batches)")
     print(f"TFLite model only:      {res['tflite_model_img_s']:8.1f} img/s ({res['engine']}, {workers} interpreters"
-          f" x 1 thread, {emb.engine.micro_batch} images per invoke)")  # fmt: skip
+          f" x 1 thread, {getattr(emb.engine, 'micro_batch', '?')} images per invoke)")  # fmt: skip
     print(f"  reference, before:    {res['tflite_single_interpreter_img_s']:8.1f} img/s (1 interpreter x {workers} "
           f"threads, {args.batch_size} images per invoke)")  # fmt: skip
     print(f"simsearch index (e2e):  {res['end_to_end_img_s']:8.1f} img/s "

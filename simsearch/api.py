@@ -338,7 +338,11 @@ class SimIndex:
                 return None
         if data is None or len(data) > MAX_HASHED_QUERY:
             return None
-        rows = self.store.rows_by_sha([hashlib.sha256(data).hexdigest()])
+        return self.vector_of_content(hashlib.sha256(data).hexdigest())
+
+    def vector_of_content(self, sha256: str) -> np.ndarray | None:
+        """The stored vector of an indexed file whose content has this sha256, or None."""
+        rows = self.store.rows_by_sha([sha256])
         return self.store.vectors([rows[0].id])[0] if rows else None
 
     def search(

@@ -140,6 +140,12 @@ def test_auto_precision_runs_float16_where_native_and_keeps_the_vectors(monkeypa
         assert auto.precision == "fp16" and auto.engine_name == "tflite-fp16"
         assert np.sum(auto.embed(photos).vectors * keras_vecs, axis=1).min() >= 0.998
         assert auto.engine_name == "tflite-fp16-native"
+    # an fp16 index still answers on the Keras engine (float32 arithmetic, the same vectors within 0.002)
+    assert Embedder(precision="fp16", engine="keras").precision == "fp16"
+    from simsearch.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="int8"):
+        Embedder(precision="int8", engine="keras")
     monkeypatch.setenv("SIMSEARCH_NATIVE_FP16", "0")
     tflite_exec.native_fp16.cache_clear()
     try:

@@ -380,7 +380,8 @@ def _p90(x: np.ndarray) -> float:
     pos = 0.9 * (len(s) - 1)
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
-    return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+    t, d = pos - lo, s[hi] - s[lo]
+    return float(s[hi] - d * (1 - t) if t >= 0.5 else s[lo] + d * t)  # numpy's own rounding of the interpolation
 
 
 def _least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -212,21 +212,47 @@ def wider_params(index: Any, value: int | None) -> Any:
     return search_params(index, wider) if wider > now else None
 
 
-def candidates(k: int, index: Any = None, coarse: bool | None = None) -> int:
-    """How many candidates a structure returns for re-scoring to a final k (more for coarse PQ codes).
-    `coarse`: `is_coarse(index)`, when the caller already knows it."""
-    if coarse is None:
-        coarse = index is not None and is_coarse(index)
-    # fine codes (SQ8, flat, HNSW) rank well: at 1M (IVF2048,SQ8, nprobe 2) 15 candidates for k=10 give recall@10
-    # 0.986, as 40 do, and 10 give 0.967; each candidate is one more row read from the vector file
-    return max(10 * k, k + 100) if coarse else k + max(5, k // 2)
+def candidates(k: int, index: Any = None, coarse: bool | str | None = None) -> int:
+    """How many candidates a structure returns for re-scoring to a final k: few for fine codes, more for coarse
+    ones. `coarse`: `codes(index)` (or a bool, True = "coarse"), when the caller already knows it."""
+    kind = codes(index) if coarse is None else ("coarse" if coarse is True else "other" if coarse is False else coarse)
+    if kind == "coarse":
+        return max(10 * k, k + 100)
+    if kind == "fine":
+        # fine codes rank well: at 1M (IVF2048,SQ8, nprobe 2) 15 candidates for k=10 give recall@10 0.986, as 40 do,
+        # and 10 give 0.967; each candidate is one more row read from the vector file
+        return k + max(5, k // 2)
+    return max(4 * k, k + 30)
+
+
+def codes(index: Any) -> str:
+    """How precisely a structure's own scores rank: "fine" (exact vectors, 8-bit or float16 scalar codes),
+    "coarse" (product quantisation), or "other" (anything else a factory string builds: PCA, OPQ, 4-bit codes...)."""
+    import faiss
+
+    if index is None:
+        return "other"
+    inner = _inner(index)
+    if isinstance(inner, faiss.IndexPreTransform):  # PCA, OPQ...: lossy before the codes, never "fine"
+        wrapped = codes(faiss.downcast_index(inner.index))
+        return "coarse" if wrapped == "coarse" else "other"
+    if isinstance(inner, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan, faiss.IndexHNSWPQ, faiss.IndexPQ)):
+        return "coarse"
+    if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat)):
+        return "fine"
+    fine_sq = (faiss.ScalarQuantizer.QT_8bit, faiss.ScalarQuantizer.QT_8bit_uniform, faiss.ScalarQuantizer.QT_fp16)
+    if isinstance(inner, faiss.IndexIVFScalarQuantizer) and inner.sq.qtype in fine_sq:
+        return "fine"
+    if isinstance(inner, faiss.IndexHNSWSQ):
+        storage = faiss.downcast_index(inner.storage)
+        if isinstance(storage, faiss.IndexScalarQuantizer) and storage.sq.qtype in fine_sq:
+            return "fine"
+    return "other"
 
 
 def is_coarse(index: Any) -> bool:
     """Whether the structure's codes are coarse (product quantisation): its ranking needs more re-scoring."""
-    import faiss
-
-    return isinstance(_inner(index), (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan))
+    return codes(index) == "coarse"
 
 
 def tune(

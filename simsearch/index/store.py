@@ -638,12 +638,12 @@ class IndexStore:
         """(candidates to fetch for top k, SearchParameters for an explicit `param`), cached per loaded structure:
         asking FAISS for the structure's type costs a good part of a small search. Without `param` the structure
         searches with its own setting (the tuned value, set when it is loaded or tuned)."""
-        from .ann import candidates, is_coarse, search_params
+        from .ann import candidates, codes, search_params
 
         key = (id(index), param)
         got = self._setups.get(key)
         if got is None or got[0] is not index:
-            got = (index, is_coarse(index), search_params(index, param))
+            got = (index, codes(index), search_params(index, param))
             if len(self._setups) > 64:
                 self._setups.clear()
             self._setups[key] = got

@@ -88,9 +88,17 @@ def resolve_precision(precision: str, engine: str = "auto") -> str:
     image, vectors at cosine >= 0.998 of fp32), else fp32; other values are returned as they are."""
     if precision != "auto":
         return precision
+    import importlib.util
+
     from .tflite_exec import native_fp16
 
-    return "fp16" if engine != "keras" and native_fp16() else "fp32"
+    if engine == "keras" or not native_fp16():
+        return "fp32"
+    try:
+        runnable = importlib.util.find_spec("ai_edge_litert.compiled_model") is not None
+    except (ImportError, ValueError):
+        runnable = False
+    return "fp16" if runnable else "fp32"
 
 
 def _file_precision(precision: str) -> str:
@@ -150,8 +158,8 @@ class Embedder:
         if precision not in PRECISIONS:
             choices = ", ".join((*PRECISIONS, "auto"))
             raise BadInputError(f"unknown precision {precision!r}; choose one of {choices}")
-        if engine == "keras" and precision != "fp32":
-            raise BadInputError("--precision fp16/int8 needs the tflite engine")
+        if engine == "keras" and precision == "int8":
+            raise BadInputError("--precision int8 needs the tflite engine")  # fp16: Keras computes it in float32
         self.backbone = backbone if isinstance(backbone, Backbone) else None
         if self.backbone is None:
             spec = (
@@ -197,7 +205,8 @@ class Embedder:
             if engine == "tflite":
                 raise BadInputError(f"TFLite engine unavailable for {self.backbone.name}: {_one_line(e)}") from e
             print(f"simsearch: warning: TFLite conversion failed ({_one_line(e)}); using Keras", file=sys.stderr)
-            self.precision = "fp32"
+            if self.precision == "int8":  # fp16 stays: float32 arithmetic gives its vectors (cosine >= 0.998)
+                self.precision = "fp32"
             if self.backbone.model is None:
                 self.backbone = self.backbone.spec.build()
             return _KerasEngine(self.backbone)

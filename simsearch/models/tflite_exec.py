@@ -265,7 +265,8 @@ def _quiet_exit() -> None:
     """Silence LiteRT's exit: its runtime logs a line per accelerator from C++ static destructors, after Python
     has finished. Registered after LiteRT is imported, so it runs before the other exit handlers: file descriptor 2
     goes to /dev/null for native code, and `sys.stderr` moves to a copy of the real stderr, so Python's own last
-    words (other exit handlers, ignored exceptions) still show. SIMSEARCH_DEBUG=1 keeps everything."""
+    words (other exit handlers, ignored exceptions) still show; a logging handler made earlier keeps the old stream,
+    so its lines after this point are lost. SIMSEARCH_DEBUG=1 keeps everything."""
     if not _LITERT_USED or os.environ.get("SIMSEARCH_DEBUG"):
         return
     with contextlib.suppress(Exception):
@@ -302,7 +303,10 @@ class HalfRunner:
     per call, short enough that decoding threads get the GIL between calls.
     """
 
-    def __init__(self, model: bytes | str | Path, num_threads: int | None = None, micro_batch: int = 8) -> None:
+    def __init__(
+        self, model: bytes | str | Path, num_threads: int | None = None, micro_batch: int = 8,
+        float32: TFLiteRunner | None = None,
+    ) -> None:  # fmt: skip
         content = model if isinstance(model, (bytes, bytearray, memoryview)) else Path(model).read_bytes()
         content = bytes(content)
         if len(content) < 8 or content[4:8] != _TFLITE_IDENT:
@@ -328,7 +332,7 @@ class HalfRunner:
                 atexit.register(_quiet_exit)
         except Exception as e:
             raise ValueError(f"cannot load TFLite model for float16: {_one_line(e)}") from e
-        self._float32: TFLiteRunner | None = None
+        self._float32 = float32
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, "simsearch-fp16")
         self.name = "tflite-fp16"
@@ -358,6 +362,7 @@ class HalfRunner:
         return self._dim
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         with self._lock:
             self._buffers = None
             self._model = None
@@ -389,9 +394,10 @@ class HalfRunner:
 
     def float32_runner(self) -> TFLiteRunner:
         """The same model in float32 arithmetic (made on first use): the reference and the overflow fallback."""
-        if self._float32 is None:
-            self._float32 = TFLiteRunner(self.model_bytes, self.num_threads)
-        return self._float32
+        with self._lock:
+            if self._float32 is None:
+                self._float32 = TFLiteRunner(self.model_bytes, self.num_threads)
+            return self._float32
 
     def agrees(self, min_cosine: float = 0.99) -> bool:
         """Whether float16 gives this model's float32 vectors on a probe batch (smooth and noisy images in [-1,
@@ -455,8 +461,10 @@ class BulkHalfRunner:
         if self._half is None and not self._tried and n >= self.bulk:
             with self._switch:
                 if not self._tried:
-                    self._half = _checked_half(self.model_bytes, self.num_threads)
-                    self._tried = True
+                    try:
+                        self._half = _checked_half(self.model_bytes, self.num_threads, self._full)
+                    finally:
+                        self._tried = True  # once: a failed switch is not retried batch after batch
         return self._half or self._full
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -466,16 +474,16 @@ class BulkHalfRunner:
         return self._runner(len(batch)).submit(batch)
 
 
-def _checked_half(model: bytes, num_threads: int | None) -> HalfRunner | None:
-    """A HalfRunner that agrees with float32 on the probe batch, or None (with the reason under SIMSEARCH_DEBUG)."""
+def _checked_half(model: bytes, num_threads: int | None, float32: TFLiteRunner | None = None) -> HalfRunner | None:
+    """A HalfRunner that agrees with float32 on the probe batch, or None (with the reason under SIMSEARCH_DEBUG).
+    Any failure of LiteRT here means float32, never an error."""
     try:
-        runner = HalfRunner(model, num_threads)
-    except (ImportError, ValueError, RuntimeError) as e:
+        runner = HalfRunner(model, num_threads, float32=float32)
+        if runner.agrees():
+            return runner
+        _debug("float16 vectors differ from float32 ones on a probe batch; float32")
+    except Exception as e:  # LiteRT missing, a model it cannot run, a runtime error on the probe
         _debug(f"float16 arithmetic unavailable ({_one_line(e)}); float32")
-        return None
-    if runner.agrees():
-        return runner
-    _debug("float16 vectors differ from float32 ones on a probe batch; float32")
     return None
 
 

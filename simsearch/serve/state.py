@@ -3,6 +3,7 @@ cached dedup reports and thumbnails. Every method is a plain Python call, so the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -292,9 +293,10 @@ class ServeState:
         """Embed uploaded bytes (same decoding as indexing, lower pixel limit) and search; no lock while embedding."""
         if len(data) > self.config.max_upload_bytes:
             raise TooLargeError(f"upload over the limit of {self.config.max_upload_bytes} bytes")
+        sha = hashlib.sha256(data).hexdigest()  # outside the lock: other requests go on meanwhile
         with self.lock:
             emb = self.index().embedder
-            known = self.index().known_vector(data)  # the bytes of an indexed file: its stored vector
+            known = self.index().vector_of_content(sha)  # the bytes of an indexed file: its stored vector
         # decoded under the process's decode budget; over the pixel limit: ImageTooLargeError, answered 413
         pixels, (w, h) = load_encoded(data, emb.backbone.input_size, emb.fit, max_pixels=self.config.max_pixels)
         vec = known[None] if known is not None else emb.embed_pixels(pixels[None])
