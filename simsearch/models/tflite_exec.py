@@ -151,7 +151,43 @@ class _Interpreter:
         return np.array(self.it.get_tensor(self.output["index"]), dtype=np.float32, copy=True)
 
 
-class TFLiteRunner:
+class _Runner:
+    """What both runners share: the model's bytes (checked), thread and micro-batch counts, the pixel and vector
+    shapes, and the check of a batch against them."""
+
+    def _take(self, model: bytes | str | Path, num_threads: int | None, micro_batch: int) -> bytes:
+        content = model if isinstance(model, (bytes, bytearray, memoryview)) else Path(model).read_bytes()
+        content = bytes(content)
+        if len(content) < 8 or content[4:8] != _TFLITE_IDENT:
+            raise ValueError("not a TFLite model (missing the TFL3 identifier); delete the file to re-convert")
+        self.model_bytes = content
+        self.num_threads = max(1, int(num_threads or os.cpu_count() or 1))
+        self.micro_batch = max(1, int(micro_batch))
+        return content
+
+    def _set_shapes(self, in_shape: list[int], dim: int) -> None:
+        if len(in_shape) != 4 or in_shape[1] != in_shape[2]:
+            raise ValueError(f"expected a square image input (N, S, S, C), got {in_shape}")
+        self._pixel_shape = tuple(in_shape[1:])
+        self._dim = int(dim)
+
+    @property
+    def input_size(self) -> int:
+        return self._pixel_shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _check(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != self._pixel_shape or len(x) == 0:
+            want = ", ".join(map(str, self._pixel_shape))
+            raise ValueError(f"expected a batch of shape (N>=1, {want}), got {x.shape}")
+        return x
+
+
+class TFLiteRunner(_Runner):
     """Run a converted embedding model: float32 (N, S, S, 3) in, a fresh float32 (N, D) array out. Thread-safe.
 
     XNNPACK is the interpreter's default CPU delegate, so it is applied automatically. Two measured choices:
@@ -169,20 +205,10 @@ class TFLiteRunner:
     """
 
     def __init__(self, model: bytes | str | Path, num_threads: int | None = None, micro_batch: int = 2) -> None:
-        content = model if isinstance(model, (bytes, bytearray, memoryview)) else Path(model).read_bytes()
-        content = bytes(content)
-        if len(content) < 8 or content[4:8] != _TFLITE_IDENT:
-            raise ValueError("not a TFLite model (missing the TFL3 identifier); delete the file to re-convert")
+        content = self._take(model, num_threads, micro_batch)
         cls, self.backend = _interpreter_class()
-        self.model_bytes = content
-        self.num_threads = max(1, int(num_threads or os.cpu_count() or 1))
-        self.micro_batch = max(1, int(micro_batch))
         self._shards = [_Interpreter(cls, content, 1) for _ in range(self.num_threads)]
-        in_shape = [int(d) for d in self._shards[0].input["shape"]]
-        if len(in_shape) != 4 or in_shape[1] != in_shape[2]:
-            raise ValueError(f"expected a square image input (N, S, S, C), got {in_shape}")
-        self._pixel_shape = tuple(in_shape[1:])
-        self._dim = int(self._shards[0].output["shape"][-1])
+        self._set_shapes([int(d) for d in self._shards[0].input["shape"]], self._shards[0].output["shape"][-1])
         self._free: queue.SimpleQueue[_Interpreter] = queue.SimpleQueue()
         for shard in self._shards:
             self._free.put(shard)
@@ -191,21 +217,6 @@ class TFLiteRunner:
         self._wide: _Interpreter | None = None  # all threads on one invoke: for single images (queries)
         self._wide_lock = threading.Lock()
         self.name = "tflite"
-
-    @property
-    def input_size(self) -> int:
-        return self._pixel_shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def _check(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != self._pixel_shape or len(x) == 0:
-            want = ", ".join(map(str, self._pixel_shape))
-            raise ValueError(f"expected a batch of shape (N>=1, {want}), got {x.shape}")
-        return x
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         shard = self._free.get()
@@ -293,7 +304,7 @@ def _litert_environment() -> Any:
         return None
 
 
-class HalfRunner:
+class HalfRunner(_Runner):
     """Run a converted model in float16 arithmetic on a CPU that has it natively: LiteRT's CompiledModel with
     XNNPACK's forced-FP16 mode. Same interface as `TFLiteRunner`.
 
@@ -307,13 +318,7 @@ class HalfRunner:
         self, model: bytes | str | Path, num_threads: int | None = None, micro_batch: int = 8,
         float32: TFLiteRunner | None = None,
     ) -> None:  # fmt: skip
-        content = model if isinstance(model, (bytes, bytearray, memoryview)) else Path(model).read_bytes()
-        content = bytes(content)
-        if len(content) < 8 or content[4:8] != _TFLITE_IDENT:
-            raise ValueError("not a TFLite model (missing the TFL3 identifier); delete the file to re-convert")
-        self.model_bytes = content
-        self.num_threads = max(1, int(num_threads or os.cpu_count() or 1))
-        self.micro_batch = max(1, int(micro_batch))
+        content = self._take(model, num_threads, micro_batch)
         self.backend = "litert-compiled-fp16"
         try:
             with quiet_native_stderr():
@@ -344,22 +349,11 @@ class HalfRunner:
         inputs, outputs = self._model.get_input_tensor_details(key), self._model.get_output_tensor_details(key)
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
-        shape = [int(d) for d in next(iter(inputs.values()))["shape"]]
-        if len(shape) != 4 or shape[1] != shape[2]:
-            raise ValueError(f"expected a square image input (N, S, S, C), got {shape}")
-        self._pixel_shape = tuple(shape[1:])
-        self._dim = int(next(iter(outputs.values()))["shape"][-1])
+        (inp,), (out,) = inputs.values(), outputs.values()
+        self._set_shapes([int(d) for d in inp["shape"]], out["shape"][-1])
         self._batch = 0
         self._buffers: tuple[Any, Any] | None = None
         self._invoke(np.zeros((1, *self._pixel_shape), np.float32))
-
-    @property
-    def input_size(self) -> int:
-        return self._pixel_shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self._dim
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -380,10 +374,7 @@ class HalfRunner:
         return np.array(outs[0].read(len(x) * self._dim, np.float32), np.float32).reshape(len(x), self._dim)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != self._pixel_shape or len(x) == 0:
-            want = ", ".join(map(str, self._pixel_shape))
-            raise ValueError(f"expected a batch of shape (N>=1, {want}), got {x.shape}")
+        x = self._check(batch)
         m = self.micro_batch
         with self._lock:
             out = np.concatenate([self._invoke(x[i : i + m]) for i in range(0, len(x), m)])
