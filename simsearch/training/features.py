@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,24 +87,14 @@ def augmented_features(
 
     What `head` mode learns invariance from: each epoch draws, per image, its plain feature or one of these.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from ..images import ImageLoadError
     from .finetune import augmented_view
 
     sig = embedder.signature()  # type: ignore[attr-defined]
     tag = f"{sig.get('fit', '')}|{augment}|{views}|{seed}"
     cache = features_cache_dir() / f"views-{_key(sig, tag, paths)}.npy"
-    if cache.is_file():
-        try:
-            out = np.load(cache, allow_pickle=False)
-            if out.shape[:2] == (len(paths), views):
-                return out.astype(np.float32)
-        except (OSError, ValueError):
-            pass
     size, fit = embedder.backbone.input_size, embedder.fit  # type: ignore[attr-defined]
     seeds = np.random.default_rng(seed).integers(0, 2**31, size=(len(paths), views))
-    out = np.zeros((len(paths), views, embedder.dim), np.float32)  # type: ignore[attr-defined]
 
     def load(i: int) -> list[np.ndarray] | None:
         try:
@@ -112,22 +102,12 @@ def augmented_features(
         except ImageLoadError:
             return None
 
-    step = 32
-    with ThreadPoolExecutor(2) as pool:
-        for start in range(0, len(paths), step):
-            idx = list(range(start, min(len(paths), start + step)))
-            good = [(i, v) for i, v in zip(idx, pool.map(load, idx), strict=True) if v is not None]
-            if good:
-                vecs = embedder.embed_pixels(np.stack([img for _, v in good for img in v]))  # type: ignore[attr-defined]
-                out[[i for i, _ in good]] = vecs.reshape(len(good), views, -1)
-            if progress:
-                progress("views", idx[-1] + 1, len(paths))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-    out = out.astype(np.float16)
-    np.save(tmp, out)
-    os.replace(tmp, cache)
-    return out.astype(np.float32)
+    def fill(out: np.ndarray) -> None:
+        for rows, got in _loaded_batches(len(paths), load, progress, "views"):
+            vecs = embedder.embed_pixels(np.stack([img for v in got for img in v]))  # type: ignore[attr-defined]
+            out[rows] = vecs.reshape(len(rows), views, -1)
+
+    return _cached_views(cache, (len(paths), views, embedder.dim), fill, np.float16)  # type: ignore[attr-defined]
 
 
 def tta_features(
@@ -139,8 +119,6 @@ def tta_features(
     the op the exported model's TTA layer runs (`tta.view_pixels`), so a held-out figure computed from these
     features is what the exported model computes. An unreadable file gets zeros.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from ..images import ImageLoadError, load_image
     from ..models.tta import CROP, view_pixels
 
@@ -149,14 +127,6 @@ def tta_features(
     size, fit = embedder.backbone.input_size, embedder.fit  # type: ignore[attr-defined]
     tag = f"{fit}|{','.join(views)}|crop{CROP}"  # the views' own parameters: a change recomputes them
     cache = features_cache_dir() / f"tta-{_key(sig, tag, paths)}.npy"
-    if cache.is_file():
-        try:
-            out = np.load(cache, allow_pickle=False)
-            if out.shape[:2] == (len(paths), len(views)):
-                return out.astype(np.float32)
-        except (OSError, ValueError):
-            pass
-    out = np.zeros((len(paths), len(views), embedder.dim), np.float32)  # type: ignore[attr-defined]
 
     def load(i: int) -> np.ndarray | None:
         try:
@@ -164,20 +134,50 @@ def tta_features(
         except ImageLoadError:
             return None
 
-    step = 32
+    def fill(out: np.ndarray) -> None:
+        for rows, got in _loaded_batches(len(paths), load, progress, "tta"):
+            x = np.stack(got)
+            for j, v in enumerate(views):
+                out[rows, j] = embedder.embed_pixels(view_pixels(x, v))  # type: ignore[attr-defined]
+
+    return _cached_views(cache, (len(paths), len(views), embedder.dim), fill, np.float32)  # type: ignore[attr-defined]
+
+
+def _loaded_batches(
+    n: int, load: Callable[[int], object | None], progress: ProgressFn | None, stage: str, step: int = 32
+) -> Iterator[tuple[list[int], list]]:
+    """(rows, loaded items) per batch of `step` of items 0..n-1 loaded on two threads; items `load` gives None for
+    (unreadable) are left out; `progress(stage, done, n)` after each batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(2) as pool:
-        for start in range(0, len(paths), step):
-            idx = list(range(start, min(len(paths), start + step)))
+        for start in range(0, n, step):
+            idx = list(range(start, min(n, start + step)))
             good = [(i, x) for i, x in zip(idx, pool.map(load, idx), strict=True) if x is not None]
             if good:
-                x = np.stack([p for _, p in good])
-                rows = [i for i, _ in good]
-                for j, v in enumerate(views):
-                    out[rows, j] = embedder.embed_pixels(view_pixels(x, v))  # type: ignore[attr-defined]
+                yield [i for i, _ in good], [x for _, x in good]
             if progress:
-                progress("tta", idx[-1] + 1, len(paths))
+                progress(stage, idx[-1] + 1, n)
+
+
+def _cached_views(
+    cache: Path, shape: tuple[int, int, int], fill: Callable[[np.ndarray], None], stored: type
+) -> np.ndarray:
+    """A (n, views, d) float32 feature array: read from `cache` when it holds that many images and views, else a
+    zero array filled by `fill`, written to `cache` atomically as `stored` (the values returned are the stored
+    ones)."""
+    if cache.is_file():
+        try:
+            out = np.load(cache, allow_pickle=False)
+            if out.shape[:2] == shape[:2]:
+                return out.astype(np.float32)
+        except (OSError, ValueError):
+            pass
+    out = np.zeros(shape, np.float32)
+    fill(out)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+    out = out.astype(stored)
     np.save(tmp, out)
     os.replace(tmp, cache)
-    return out
+    return out.astype(np.float32)
