@@ -212,10 +212,10 @@ def wider_params(index: Any, value: int | None) -> Any:
     return search_params(index, wider) if wider > now else None
 
 
-def candidates(k: int, index: Any = None, coarse: bool | str | None = None) -> int:
+def candidates(k: int, index: Any = None, kind: str | None = None) -> int:
     """How many candidates a structure returns for re-scoring to a final k: few for fine codes, more for coarse
-    ones. `coarse`: `codes(index)` (or a bool, True = "coarse"), when the caller already knows it."""
-    kind = codes(index) if coarse is None else ("coarse" if coarse is True else "other" if coarse is False else coarse)
+    ones. `kind`: `codes(index)`, when the caller already knows it."""
+    kind = kind or codes(index)
     if kind == "coarse":
         return max(10 * k, k + 100)
     if kind == "fine":
@@ -248,11 +248,6 @@ def codes(index: Any) -> str:
         if isinstance(storage, faiss.IndexScalarQuantizer) and storage.sq.qtype in fine_sq:
             return "fine"
     return "other"
-
-
-def is_coarse(index: Any) -> bool:
-    """Whether the structure's codes are coarse (product quantisation): its ranking needs more re-scoring."""
-    return codes(index) == "coarse"
 
 
 def tune(

@@ -242,7 +242,7 @@ class IndexStore:
         self._index_dirty = False
         self._search_changed = False
         self._lock_fd: int | None = None
-        self._setups: dict[tuple[int, int | None], tuple[Any, bool, Any]] = {}  # see _search_setup
+        self._setups: dict[tuple[int, int | None], tuple[Any, str, Any]] = {}  # see _search_setup
         self._stats: tuple[int, int, int] | None = None  # (generation, count, max id), read once per generation
         self.index_type = manifest.get("index_type", "auto")
         self.memory_budget: int | None = manifest.get("memory_budget")
@@ -604,23 +604,17 @@ class IndexStore:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         want = min(k, count)
         index = None if exact else self.faiss_index
-        covered = -1
-        if index is not None:
-            fresh = self._index_writable and not self._index_dirty  # a writer keeps it in step with each commit
-            covered = n_slots - 1 if fresh else int(self.manifest.get("search_max_id", -1))
         if index is None:  # exact: the scan's scores are the final ones; removed (zeroed) slots are dropped
             return self._exact(q, want, n_slots)
-        cand: list[np.ndarray] = []
-        fetch = 0
-        if index is not None:
-            fetch, params = self._search_setup(index, k, param)
-            _, ids = index.search(q, fetch, params=params)
-            cand.append(ids)
+        fresh = self._index_writable and not self._index_dirty  # a writer keeps it in step with each commit
+        covered = n_slots - 1 if fresh else int(self.manifest.get("search_max_id", -1))
+        fetch, params = self._search_setup(index, k, param)
+        cand = [index.search(q, fetch, params=params)[1]]
         if covered + 1 < n_slots:
             cand.append(self._scan(q, covered + 1, n_slots, want + self._dead_in(covered + 1, n_slots)))
         scores, ids = self._rescore(q, np.concatenate(cand, axis=1), want, (count, top))
         short = (ids < 0).any(axis=1)
-        if short.any() and index is not None:  # near small lists: look 8x further before scanning everything
+        if short.any():  # near small lists: look 8x further before scanning everything
             from .ann import wider_params
 
             wider = wider_params(index, param)
@@ -647,7 +641,7 @@ class IndexStore:
             if len(self._setups) > 64:
                 self._setups.clear()
             self._setups[key] = got
-        return candidates(k, coarse=got[1]), got[2]
+        return candidates(k, kind=got[1]), got[2]
 
     def _exact(self, q: np.ndarray, k: int, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
