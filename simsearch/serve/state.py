@@ -295,8 +295,8 @@ class ServeState:
             raise TooLargeError(f"upload over the limit of {self.config.max_upload_bytes} bytes")
         sha = hashlib.sha256(data).hexdigest()  # outside the lock: other requests go on meanwhile
         with self.lock:
-            emb = self.index().embedder
-            known = self.index().vector_of_content(sha)  # the bytes of an indexed file: its stored vector
+            idx = self.index()
+            emb, known = idx.embedder, idx.vector_of_content(sha)  # the bytes of an indexed file: its stored vector
         # decoded under the process's decode budget; over the pixel limit: ImageTooLargeError, answered 413
         pixels, (w, h) = load_encoded(data, emb.backbone.input_size, emb.fit, max_pixels=self.config.max_pixels)
         vec = known[None] if known is not None else emb.embed_pixels(pixels[None])
