@@ -519,11 +519,12 @@ class SimIndex:
         """The k nearest indexed images to each query vector (n, dim); normalised here if they are not."""
         if k < 1:
             raise BadInputError("k must be at least 1")
-        vectors = _checked_vectors(queries, self.store.dim, "query vectors")
-        shas = self._videos()
+        gen = self.store.generation  # read once: the checks below and the search see one committed state
+        vectors = _checked_vectors(queries, int(self.store.signature_at(gen)["dim"]), "query vectors")
+        shas = self._videos(gen)
         fetch = k + min(len(shas), 4 * k)  # whole-video rows are dropped from the hits: room for them
-        scores, ids = self.store.search(vectors, fetch, param=nprobe, exact=exact)
-        paths = self.store.paths({int(i) for i in ids.ravel() if i >= 0})
+        scores, ids = self.store.search(vectors, fetch, param=nprobe, exact=exact, gen=gen)
+        paths = self.store.paths(set(ids[ids >= 0].tolist()))
         out = []
         for srow, irow in zip(scores.tolist(), ids.tolist(), strict=True):
             hits = [
@@ -536,9 +537,9 @@ class SimIndex:
             out.append(hits)
         return self._with_video_frames(vectors, k, min_score, out, first_id) if shas else out
 
-    def _videos(self) -> set[str]:
-        """Content hashes of the indexed videos, read once per generation."""
-        gen = self.store.generation
+    def _videos(self, gen: int | None = None) -> set[str]:
+        """Content hashes of the indexed videos, read once per generation (`gen`, when the caller just read it)."""
+        gen = self.store.generation if gen is None else gen
         if self._video_cache is None or self._video_cache[0] != gen:
             self._video_cache = (gen, video_shas(self.store))
         return self._video_cache[1]
@@ -708,12 +709,15 @@ def _checked_vectors(x: Any, dim: int, what: str) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.number):
         raise BadInputError(f"{what} are not numbers ({a.dtype})")
     a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
+    # one pass, in float64 so that no finite float32 overflows: a NaN or infinity makes its row's sum non-finite
+    sq = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+    if not np.isfinite(sq).all():
         raise BadInputError(f"{what} contain NaN or infinite values")
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    if (norms == 0).any():
+    if not sq.all():
         raise BadInputError(f"{what} contain an all-zero vector")
-    return np.ascontiguousarray(a / norms, dtype=np.float32)
+    if len(a) == 1 and abs(float(sq[0]) - 1.0) < 1e-6:
+        return a  # already unit length (a query from our own models): nothing to scale
+    return np.ascontiguousarray(a / np.sqrt(sq)[:, None], dtype=np.float32)
 
 
 class RerankJob:

@@ -326,3 +326,23 @@ def test_a_query_near_small_lists_looks_wider_instead_of_scanning_everything(tmp
     truth = exact_top(vecs, q, 10)[0] + 1  # ids start at 1
     assert len(set(ids[0].tolist()) & set(truth.tolist())) >= 8
     np.testing.assert_allclose(scores[0], vecs[ids[0] - 1] @ q[0], rtol=1e-5, atol=1e-6)  # exact cosines
+
+
+def test_query_vectors_of_any_finite_scale_are_normalised(tmp_path: Path) -> None:
+    idx, vecs, paths = make(tmp_path, "flat", 100)
+    for scale in (1.0, 1e-3, 7.5, 1e30):  # 1e30 overflows a float32 sum of squares: scaled down first
+        top = idx.search_vectors(vecs[5] * scale, k=1)[0][0]
+        assert top.path == paths[5] and top.score == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(BadInputError, match="NaN or infinite"):
+        idx.search_vectors(np.where(np.arange(DIM) == 3, np.inf, vecs[5]), k=1)
+
+
+def test_rows_are_prefetched_only_the_first_time_they_are_read(tmp_path: Path, monkeypatch) -> None:
+    idx, vecs, _ = make(tmp_path, "flat", 100)
+    vf = idx.store.vectors_file
+    asked: list[list[int]] = []
+    monkeypatch.setattr(vf, "_prefetch", lambda m, rows: asked.append(sorted(rows.tolist())))
+    first = vf.read(np.array([3, 9, 4], np.int64))
+    again = vf.read(np.array([9, 4, 11, 12], np.int64))
+    assert asked == [[3, 4, 9], [11, 12]]  # rows already read are in memory: not asked for again
+    assert np.array_equal(again[:2], first[1:]) and np.allclose(again[2:], vecs[[10, 11]], atol=1e-6)

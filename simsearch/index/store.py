@@ -148,6 +148,7 @@ class VectorFile:
         self._map: np.ndarray | None = None
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._seen: np.ndarray | None = None  # rows this process has read (see `_prefetch_unseen`)
 
     @property
     def slots(self) -> int:
@@ -177,9 +178,24 @@ class VectorFile:
         if top >= len(m):
             raise IndexCorruptError(f"{self.path} is shorter than the index says (truncated?); recover with --rebuild")
         if 1 < len(idx) <= PREFETCH_ROWS:
-            self._prefetch(m, idx)
+            self._prefetch_unseen(m, idx)
         # a plain array over the map: fancy indexing copies the rows out, without np.memmap's per-call overhead
         return m.view(np.ndarray)[idx]
+
+    def _prefetch_unseen(self, m: np.ndarray, idx: np.ndarray) -> None:
+        """Prefetch the rows this process has not read before. A row read once stays in the OS's cache unless
+        memory runs short, and asking again for a row already in memory is a system call for nothing."""
+        seen = self._seen
+        if seen is None or len(seen) < len(m):
+            grown = np.zeros(len(m), bool)
+            if seen is not None:
+                grown[: len(seen)] = seen
+            self._seen = seen = grown
+        new = idx[~seen[idx]]
+        if len(new):
+            seen[new] = True
+            if len(new) > 1:
+                self._prefetch(m, new)
 
     def _prefetch(self, m: np.ndarray, idx: np.ndarray) -> None:
         """Ask the OS for every row at once (MADV_WILLNEED): rows not in memory are then read in parallel instead
@@ -188,13 +204,14 @@ class VectorFile:
         advise = getattr(mm, "madvise", None)
         if advise is None or not hasattr(mmap, "MADV_WILLNEED"):
             return
-        for i in set(idx.tolist()):
-            start = i * self.row_bytes
-            page = start - start % mmap.PAGESIZE
-            try:
-                advise(mmap.MADV_WILLNEED, page, start + self.row_bytes - page)
-            except (OSError, ValueError):
-                return
+        start = idx * self.row_bytes
+        page = start - start % mmap.PAGESIZE
+        will = mmap.MADV_WILLNEED
+        try:
+            for p, n in zip(page.tolist(), (start + self.row_bytes - page).tolist(), strict=True):
+                advise(will, p, n)
+        except (OSError, ValueError):
+            return
 
     def _open(self) -> int:
         if self._fd is None:
@@ -221,7 +238,7 @@ class VectorFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._map = None
+        self._map = self._seen = None
 
 
 def vector_crc(v: np.ndarray) -> int:
@@ -244,6 +261,7 @@ class IndexStore:
         self._lock_fd: int | None = None
         self._setups: dict[tuple[int, int | None], tuple[Any, str, Any]] = {}  # see _search_setup
         self._stats: tuple[int, int, int] | None = None  # (generation, count, max id), read once per generation
+        self._sig: tuple[int, dict[str, Any]] | None = None  # (generation, signature)
         self.index_type = manifest.get("index_type", "auto")
         self.memory_budget: int | None = manifest.get("memory_budget")
         # set by a Ray sync: fills a trained, empty structure from every stored vector elsewhere (index.merge), or
@@ -387,6 +405,12 @@ class IndexStore:
         row = self.conn.execute("SELECT value FROM meta WHERE key='signature'").fetchone()
         return json.loads(row[0])
 
+    def signature_at(self, gen: int) -> dict[str, Any]:
+        """The signature as of generation `gen` (which the caller just read), parsed once per generation."""
+        if self._sig is None or self._sig[0] != gen:
+            self._sig = (gen, self.signature)
+        return self._sig[1]
+
     def check_signature(self, signature: dict[str, Any]) -> None:
         """Refuse to mix vectors of different models (or inputs, pooling, precision) in one index."""
         mine = self.signature
@@ -464,9 +488,10 @@ class IndexStore:
     def generation(self) -> int:
         return int(self.conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
 
-    def _counts(self) -> tuple[int, int]:
-        """(rows, max id) of the committed state, cached per generation (COUNT(*) scans the table)."""
-        gen = self.generation
+    def _counts(self, gen: int | None = None) -> tuple[int, int]:
+        """(rows, max id) of the committed state, cached per generation (COUNT(*) scans the table). `gen`: the
+        generation when the caller just read it (a search reads it once)."""
+        gen = self.generation if gen is None else gen
         if self._stats is None or self._stats[0] != gen:
             n, top = self.conn.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM images").fetchone()
             self._stats = (gen, int(n), int(top))
@@ -553,7 +578,11 @@ class IndexStore:
 
     def paths(self, ids: Iterable[int]) -> dict[int, str]:
         """id -> path of those of `ids` that are indexed (what a search answer needs, and no more)."""
-        return dict(self._in_query("SELECT id, path FROM images WHERE id IN ({})", list(ids)))
+        ids = list(ids)
+        if 0 < len(ids) <= 32:  # a search's answer: one seek per id (an IN list first builds a temporary table)
+            sql = " UNION ALL ".join(["SELECT id, path FROM images WHERE id=?"] * len(ids))
+            return dict(self.conn.execute(sql, ids).fetchall())
+        return dict(self._in_query("SELECT id, path FROM images WHERE id IN ({})", ids))
 
     def row_by_path(self, path: str) -> Row | None:
         r = self.conn.execute(f"SELECT {_ROW_COLS} FROM images WHERE path=?", (path,)).fetchone()
@@ -588,17 +617,18 @@ class IndexStore:
         return {sha: i for i, sha in self.conn.execute("SELECT id, sha256 FROM images ORDER BY id DESC")}
 
     def search(
-        self, queries: np.ndarray, k: int, param: int | None = None, exact: bool = False
+        self, queries: np.ndarray, k: int, param: int | None = None, exact: bool = False, gen: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) of committed rows per query, exact cosines, best first (-1 ids pad short rows).
 
         The search structure proposes candidates (its `param`, nprobe or efSearch, from the manifest unless
         given); rows committed after it was saved come from an exact scan; every candidate is re-scored from the
-        stored vectors and removed rows are dropped. `exact` scans everything.
+        stored vectors and removed rows are dropped. `exact` scans everything. `gen`: the generation, when the
+        caller just read it.
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, int(k))
-        count, top = self._counts()
+        count, top = self._counts(gen)
         n_slots = top + 1
         if count == 0 or len(q) == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
@@ -612,7 +642,11 @@ class IndexStore:
         cand = [index.search(q, fetch, params=params)[1]]
         if covered + 1 < n_slots:
             cand.append(self._scan(q, covered + 1, n_slots, want + self._dead_in(covered + 1, n_slots)))
-        scores, ids = self._rescore(q, np.concatenate(cand, axis=1), want, (count, top))
+        # one structure's answer names each id once per query; merged answers may repeat one
+        merged = cand[0] if len(cand) == 1 else np.concatenate(cand, axis=1)
+        scores, ids = self._rescore(q, merged, want, (count, top), distinct=len(cand) == 1)
+        if ids[:, -1].min() >= 0:  # short answers are padded at the end
+            return scores, ids
         short = (ids < 0).any(axis=1)
         if short.any():  # near small lists: look 8x further before scanning everything
             from .ann import wider_params
@@ -681,22 +715,27 @@ class IndexStore:
         return np.where(idx >= 0, idx + lo, -1)
 
     def _rescore(
-        self, q: np.ndarray, cand: np.ndarray, k: int, counts: tuple[int, int] | None = None
+        self, q: np.ndarray, cand: np.ndarray, k: int, counts: tuple[int, int] | None = None, distinct: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of candidate ids from the stored vectors; removed ids dropped; top k per query.
-        `counts`: `_counts()` when the caller just read it."""
-        flat = _sorted_unique(cand[cand >= 0])
+        `counts`: `_counts()` when the caller just read it. `distinct`: a single query's candidates are known to
+        be distinct (one structure's answer), so they need no de-duplication."""
+        flat = cand[cand >= 0] if distinct and len(q) == 1 else _sorted_unique(cand[cand >= 0])
         count, top = counts or self._counts()
         if count == top:  # ids 1..top all live (nothing ever removed): no need to ask SQLite, per query
             live = flat[(flat >= 1) & (flat <= top)]
         else:
             live = np.array(sorted(self._live(flat.tolist())), np.int64)
+        if len(q) == 1 and len(live) >= k:  # one query (the common case): its candidates are exactly `live`
+            s = self.vectors_file.read(live) @ q[0]
+            best = np.argsort(-s, kind="stable")[:k]
+            return s[best][None], live[best][None]
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
         if len(live) == 0:
             return scores, ids
         vecs = self.vectors_file.read(live)
-        if len(q) == 1:  # one query (the common case): its candidates are exactly `live`
+        if len(q) == 1:
             s = vecs @ q[0]
             best = np.argsort(-s, kind="stable")[:k]
             scores[0, : len(best)], ids[0, : len(best)] = s[best], live[best]
