@@ -53,7 +53,8 @@ def split(url: str) -> tuple[Any, str, str]:
 
 
 def _mtime_ns(info: dict[str, Any]) -> int:
-    t = info.get("LastModified") or info.get("mtime") or info.get("last_modified") or info.get("updated")
+    t = (info.get("LastModified") or info.get("mtime") or info.get("last_modified") or info.get("updated")
+         or info.get("created"))  # fmt: skip
     if isinstance(t, datetime):
         ns = int(t.timestamp()) * 1_000_000_000
     elif isinstance(t, (int, float)):
@@ -73,13 +74,17 @@ def list_objects(url: str, suffixes: set[str] | frozenset[str] | None = None) ->
     try:
         if not fs.exists(root):
             raise FileNotFoundError(root)
+        # URLs are built on the root as the user wrote it: a driver may name objects in its own form (memory://
+        # adds a leading slash), and sync matches indexed URLs against the root
+        walked = fs._strip_protocol(root).rstrip("/")
         for folder, _, files in fs.walk(root, detail=True):
             for name in sorted(files):
                 info = files[name]
                 if suffixes is not None and os.path.splitext(name)[1].lower() not in suffixes:
                     continue
-                key = info.get("name") or f"{folder.rstrip('/')}/{name}"
-                yield RemoteObject(f"{protocol}://{key}", int(info.get("size") or 0), _mtime_ns(info))
+                full = info.get("name") or f"{folder.rstrip('/')}/{name}"
+                rel = full[len(walked) :].lstrip("/") if full.startswith(walked + "/") else full.lstrip("/")
+                yield RemoteObject(f"{protocol}://{root}/{rel}", int(info.get("size") or 0), _mtime_ns(info))
     except FileNotFoundError:
         raise BadInputError(f"{url}: no such bucket or prefix") from None
     except PermissionError as e:
