@@ -715,9 +715,10 @@ def _checked_vectors(x: Any, dim: int, what: str) -> np.ndarray:
         raise BadInputError(f"{what} contain NaN or infinite values")
     if not sq.all():
         raise BadInputError(f"{what} contain an all-zero vector")
-    if len(a) == 1 and abs(float(sq[0]) - 1.0) < 1e-6:
-        return a  # already unit length (a query from our own models): nothing to scale
-    return np.ascontiguousarray(a / np.sqrt(sq)[:, None], dtype=np.float32)
+    unit = np.abs(sq - 1.0) < 1e-6  # rows already of unit length (our models' vectors) keep their exact bytes
+    if unit.all():
+        return a
+    return np.ascontiguousarray(np.where(unit[:, None], a, a / np.sqrt(sq)[:, None]), dtype=np.float32)
 
 
 class RerankJob:

@@ -629,7 +629,14 @@ def train_cmd(
     augment: Annotated[
         str, typer.Option("--augment", help="finetune views: light (crop, flip, colour) or viewpoint (+ perspective).")
     ] = "light",
-    unfreeze: Annotated[float, typer.Option("--unfreeze", help="finetune: least share of weights trained.")] = 0.25,
+    unfreeze: Annotated[
+        str,
+        typer.Option(
+            "--unfreeze",
+            help="finetune: least share of weights trained; a comma list or auto tries each "
+            "and keeps the best on held-out labels.",
+        ),
+    ] = "0.25",
     views: Annotated[int, typer.Option("--views", min=1, help="finetune: cached views per image.")] = 4,
     head_views: Annotated[
         int, typer.Option("--head-views", min=0, help="head: augmented views per image (features cached).")

@@ -432,3 +432,31 @@ def test_viewpoint_views_are_seeded_and_unfreeze_moves_the_cut(labelled: Path) -
     _, up25, cut25 = split_backbone(bb.model, 0.25)
     _, up50, cut50 = split_backbone(bb.model, 0.5)
     assert cut25 == "block14_add" and cut50 != cut25 and up50.count_params() > up25.count_params()
+
+
+def test_unfreeze_auto_tries_each_cut_and_keeps_the_best_on_held_out_labels(labelled: Path, tmp_path: Path) -> None:
+    from simsearch import train
+    from simsearch.errors import BadInputError
+    from simsearch.training.trainer import unfreeze_shares
+
+    assert unfreeze_shares("auto") == (0.25, 0.5) and unfreeze_shares("0.3, 0.3,0.6") == (0.3, 0.6)
+    assert unfreeze_shares(0.4) == (0.4,) and unfreeze_shares([0.25, 0.5]) == (0.25, 0.5)
+    for bad in ("1.5", "x", "0.2,0"):
+        with pytest.raises(BadInputError, match="unfreeze"):
+            unfreeze_shares(bad)
+    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=2, views=2, seed=1,
+                unfreeze="auto")  # fmt: skip
+    tried = res.chosen["cuts_tried"]
+    assert [t["unfreeze"] for t in tried] == [0.25, 0.5] and tried[0]["cut"] != tried[1]["cut"]
+    phases = {h["phase"] for h in res.history}
+    assert {"head", "finetune@0.25", "finetune@0.5"} <= phases
+    best = [h for h in res.history if h["best"]][-1]  # the model's epoch (losing cuts' flags are cleared)
+    assert all(h["best"] is False for h in res.history if h["phase"].startswith("finetune@")
+               and h["phase"] != best["phase"])  # fmt: skip
+    if res.chosen["mode"] == "finetune":  # the cut whose run holds the best held-out epoch is the one exported
+        won = next(t for t in tried if f"finetune@{t['unfreeze']:g}" == best["phase"])
+        assert (res.chosen["cut"], res.chosen["unfreeze"]) == (won["cut"], won["unfreeze"])
+        assert won["val_map"] == max(t["val_map"] for t in tried) == best["val_map"]
+        assert res.manifest["metrics"]["val_map"] == pytest.approx(won["val_map"], abs=0.02)
+    else:
+        assert best["phase"] == "head" and res.chosen["cut"] is None

@@ -17,6 +17,7 @@ state. Readers memory-map IVF structures.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -149,6 +150,7 @@ class VectorFile:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._seen: np.ndarray | None = None  # rows this process has read (see `_prefetch_unseen`)
+        self._seen_n = 0
 
     @property
     def slots(self) -> int:
@@ -184,7 +186,8 @@ class VectorFile:
 
     def _prefetch_unseen(self, m: np.ndarray, idx: np.ndarray) -> None:
         """Prefetch the rows this process has not read before. A row read once stays in the OS's cache unless
-        memory runs short, and asking again for a row already in memory is a system call for nothing."""
+        memory runs short, and asking again for a row already in memory is a system call for nothing. Once the
+        rows read add up to a quarter of the machine's memory, the OS may have dropped some: the marks start over."""
         seen = self._seen
         if seen is None or len(seen) < len(m):
             grown = np.zeros(len(m), bool)
@@ -194,6 +197,10 @@ class VectorFile:
         new = idx[~seen[idx]]
         if len(new):
             seen[new] = True
+            self._seen_n += len(new)
+            if self._seen_n * self.row_bytes > _memory_share():  # more than memory holds: marks go stale, start over
+                seen[:] = False
+                self._seen_n = 0
             if len(new) > 1:
                 self._prefetch(m, new)
 
@@ -239,6 +246,15 @@ class VectorFile:
             os.close(self._fd)
             self._fd = None
         self._map = self._seen = None
+
+
+@functools.cache
+def _memory_share() -> int:
+    """A quarter of physical memory, in bytes (1 GiB where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
 
 
 def vector_crc(v: np.ndarray) -> int:
@@ -728,7 +744,7 @@ class IndexStore:
             live = np.array(sorted(self._live(flat.tolist())), np.int64)
         if len(q) == 1 and len(live) >= k:  # one query (the common case): its candidates are exactly `live`
             s = self.vectors_file.read(live) @ q[0]
-            best = np.argsort(-s, kind="stable")[:k]
+            best = np.lexsort((live, -s))[:k]  # ties by id, as the general path's sorted candidates give
             return s[best][None], live[best][None]
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)

@@ -83,8 +83,11 @@ def list_objects(url: str, suffixes: set[str] | frozenset[str] | None = None) ->
                 if suffixes is not None and os.path.splitext(name)[1].lower() not in suffixes:
                     continue
                 full = info.get("name") or f"{folder.rstrip('/')}/{name}"
-                rel = full[len(walked) :].lstrip("/") if full.startswith(walked + "/") else full.lstrip("/")
-                yield RemoteObject(f"{protocol}://{root}/{rel}", int(info.get("size") or 0), _mtime_ns(info))
+                if full.startswith(walked + "/"):
+                    key = f"{root}/{full[len(walked) + 1 :]}"
+                else:  # the root itself is an object, or a driver names it another way: its own name
+                    key = root if full == walked else full.lstrip("/")
+                yield RemoteObject(f"{protocol}://{key}", int(info.get("size") or 0), _mtime_ns(info))
     except FileNotFoundError:
         raise BadInputError(f"{url}: no such bucket or prefix") from None
     except PermissionError as e:

@@ -90,7 +90,7 @@ def train(
     refit: bool = True,
     whiten: float = 1.0,
     augment: str = "light",
-    unfreeze: float = 0.25,
+    unfreeze: float | str = 0.25,
     head_views: int = 0,
     tta: str = DEFAULT_TTA,
 ) -> TrainResult:
@@ -104,6 +104,9 @@ def train(
     labels; then, with `refit` (default), the chosen settings are trained again on every label, held-out ones too,
     for exactly the chosen epochs, so no labelled image is wasted. The reported held-out metrics are those of the
     selection run (the refit model has seen those images). `whiten`: see `heads.pca_init`.
+
+    `unfreeze`: the least share of the backbone's weights `finetune` trains; several shares ("0.25,0.5") or
+    "auto" (`AUTO_UNFREEZE`) try each cut from the same trained head and keep the one with the best held-out mAP.
 
     `tta` (`models.tta`): the test-time views the exported model averages ("none", "flip", "flip-crop"); the
     held-out figures that select epochs and that are reported average the same views, computed the same way.
@@ -123,8 +126,7 @@ def train(
         raise BadInputError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
     if head_views < 0:
         raise BadInputError("--head-views must be 0 or more")
-    if not 0.0 < unfreeze < 1.0:
-        raise BadInputError(f"--unfreeze must be in (0, 1), got {unfreeze}")
+    shares = unfreeze_shares(unfreeze)
     if not 0.0 <= whiten <= 1.0:
         raise BadInputError(f"--whiten must be in [0, 1], got {whiten}")
     if epochs is not None and epochs < 1:
@@ -214,17 +216,23 @@ def train(
               head_eval, fitter.get, fitter.put)  # fmt: skip
     lap("head")
     bb = spec.build()
-    cut, ft_metrics = None, None
+    cut, ft_metrics, share = None, None, shares[0]
+    tried: list[dict[str, Any]] = []
     if mode == "finetune" and not state.interrupted:
-        cut, ft_metrics = _finetune(bb, spec, data, tr, va, y_tr_dense, y_va, fitter, cfg, views, fit, seed, loss,
-                                    weight_decay, rng, state, note, augment=augment, unfreeze=unfreeze,
-                                    tta_views=tta_views)  # fmt: skip
+
+        def tune(b: Any, run: _Loop, share_n: float, phase: str) -> tuple[str, Any]:
+            return _finetune(b, spec, data, tr, va, y_tr_dense, y_va, fitter, cfg, views, fit, seed, loss,
+                             weight_decay, rng, run, note, augment=augment, unfreeze=share_n, tta_views=tta_views,
+                             phase=phase)  # fmt: skip
+
+        cut, bb, ft_metrics, share, tried = _choose_cut(bb, spec, shares, fitter, state, history, warnings, note, tune)
         lap("finetune")
     timings["select"] = round(timings.get("head", 0.0) + timings.get("finetune", 0.0), 2)
     best = state.best_entry()
-    tag = "finetune" if best.get("phase") == "finetune" else "head"
+    best_phase = str(best.get("phase", ""))
+    tag = "finetune" if best_phase.startswith("finetune") else "head"
     head_epochs = _best_count(history, "head")
-    ft_epochs = _best_count(history, "finetune") if tag == "finetune" else 0
+    ft_epochs = _best_count(history, best_phase) if tag == "finetune" else 0
     # held-out metrics of the selected model (head: on the cached features, which is what the model computes)
     final_va = ft_metrics if tag == "finetune" else retrieval_metrics(embed_va(fitter), y_va)
 
@@ -246,7 +254,7 @@ def train(
             r_bb = spec.build()
             _finetune(r_bb, spec, data, everything, va, y_all, y_va, refitter, {**cfg, "epochs": ft_epochs}, views,
                       fit, seed, loss, weight_decay, r_rng, r_state, note, select=False, augment=augment,
-                      unfreeze=unfreeze)  # fmt: skip
+                      unfreeze=share)  # fmt: skip
         if r_state.interrupted:
             warnings.append("refit interrupted: the model selected on held-out labels is saved instead")
             state.interrupted = True
@@ -256,7 +264,8 @@ def train(
                           "head_epochs": head_epochs, "finetune_epochs": ft_epochs or None}  # fmt: skip
         lap("refit")
     chosen = {"mode": tag, "loss": loss, "head_epochs": head_epochs, "finetune_epochs": ft_epochs or None,
-              "cut": cut if tag == "finetune" else None, "whiten": whiten,
+              "cut": cut if tag == "finetune" else None, "unfreeze": share if tag == "finetune" else None,
+              "cuts_tried": tried or None, "whiten": whiten,
               "augment": augment if tag == "finetune" or head_views else None, "head_views": head_views,
               "refit": bool(refit_info["done"]), "tta": tta}  # fmt: skip
 
@@ -300,6 +309,23 @@ def train(
     lap("export")
     return TrainResult(str(out), written, history, time.perf_counter() - t0, state.interrupted, warnings, skipped,
                        timings, chosen)  # fmt: skip
+
+
+AUTO_UNFREEZE = (0.25, 0.5)  # EfficientNet-Lite0: the last block and head conv, or the last 4 blocks
+
+
+def unfreeze_shares(value: float | str | list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """The shares of weights to try fine-tuning: one number, a comma list (or a sequence), or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_UNFREEZE
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        shares = tuple(float(x) for x in parts)
+    except (TypeError, ValueError):
+        raise BadInputError(f"--unfreeze takes a share in (0, 1), a list of them, or auto; got {value!r}") from None
+    if not shares or not all(0.0 < x < 1.0 for x in shares):
+        raise BadInputError(f"--unfreeze must be in (0, 1), got {value}")
+    return tuple(dict.fromkeys(shares))
 
 
 def _readable(sp: Split, ok: np.ndarray, data: LabelledSet) -> tuple[np.ndarray, np.ndarray]:
@@ -440,11 +466,65 @@ class _Loop:
             )
 
 
+def _choose_cut(bb: Any, spec: Any, shares: tuple[float, ...], fitter: _HeadFit, state: _Loop,
+                history: list[dict[str, Any]], warnings: list[str], note: TrainProgress,
+                tune: Callable[[Any, _Loop, float, str], tuple[str, Any]]
+                ) -> tuple[str | None, Any, Any, float, list[dict[str, Any]]]:  # fmt: skip
+    """Fine-tune from each share's cut in turn and keep the best on held-out labels.
+
+    Every cut starts from the same trained head, with its own early stopping against the head's best held-out mAP
+    (so a later cut is not cut short by an earlier one); the cut with the best held-out epoch wins, or the head
+    when none beats it. Shares that land on the same cut run once. Ctrl-C keeps the cuts already finished.
+    Returns (cut name, backbone to export, its held-out metrics, its share, the cuts tried).
+    """
+    from .finetune import split_backbone
+
+    start, head_best = fitter.get(), state.best_map
+    kept: dict[str, tuple] = {}
+    tried: list[dict[str, Any]] = []
+    seen_cuts: set[str] = set()
+    try:
+        for share_n in shares:
+            name = split_backbone(bb.model, share_n)[2]
+            if name in seen_cuts:
+                continue
+            seen_cuts.add(name)
+            phase = "finetune" if len(shares) == 1 else f"finetune@{share_n:g}"
+            fitter.put(start)
+            bb_n = bb if not kept else spec.build()  # the first cut trains `bb` (restored if the head wins)
+            run = _Loop(history, note, warnings)
+            run.best_map = head_best  # a cut counts only when it beats the head
+            cut_n, m_n = tune(bb_n, run, share_n, phase)
+            best_n = run.best_map if any(h["phase"] == phase and h["best"] for h in history) else None
+            kept[phase] = (bb_n, cut_n, m_n, fitter.get(), share_n, best_n)
+            ran = [h for h in history if h["phase"] == phase and h.get("val_map") is not None]
+            tried.append({"unfreeze": share_n, "cut": cut_n, "epochs": len(ran),
+                          "val_map": max((h["val_map"] for h in ran), default=None)})  # fmt: skip
+            if run.interrupted:
+                state.interrupted = True
+                break
+    except KeyboardInterrupt:  # between epochs (views, a rebuild): the cuts already finished stay
+        state.interrupted = True
+    ranked = [(v[5], phase) for phase, v in kept.items() if v[5] is not None]
+    if not ranked:  # the head alone won: the first cut's run restored `bb` and its own start
+        fitter.put(start)
+        first = next(iter(kept.values()), None)
+        return (first[1] if first else None), bb, None, shares[0], tried
+    won = max(ranked)[1]
+    bb_w, cut_w, metrics_w, head_w, share_w, best_w = kept[won]
+    fitter.put(head_w)
+    state.best_map = best_w
+    for h in history:  # the losing cuts' best epochs are not the model's
+        if h["phase"] != won and h["phase"].startswith("finetune"):
+            h["best"] = False
+    return cut_w, bb_w, metrics_w, share_w, tried
+
+
 def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndarray, y_tr: np.ndarray,
               y_va: np.ndarray, fitter: _HeadFit, cfg: dict, views: int, fit: str, seed: int, loss: str,
               weight_decay: float, rng: np.random.Generator, state: _Loop, note: TrainProgress,
               select: bool = True, augment: str = "light", unfreeze: float = 0.25,
-              tta_views: tuple[str, ...] = ("plain",)) -> tuple[str, Any]:  # fmt: skip
+              tta_views: tuple[str, ...] = ("plain",), phase: str = "finetune") -> tuple[str, Any]:  # fmt: skip
     """Phase 2: train the backbone's upper part with the head on cached activations of augmented views.
 
     `select=False` (refit): no validation views are computed and the held-out metrics returned are None. The
@@ -507,7 +587,7 @@ def _finetune(bb: Any, spec: Any, data: LabelledSet, tr: np.ndarray, va: np.ndar
         return t.map, m.map, m.p_at_1
 
     all_vars = head_vars + up_vars
-    state.run("refit-finetune" if not select else "finetune", cfg["epochs"], cfg["patience"], epoch,
+    state.run("refit-finetune" if not select else phase, cfg["epochs"], cfg["patience"], epoch,
               evaluate if select else None, lambda: [v.numpy().copy() for v in all_vars],
               lambda s: [v.assign(x) for v, x in zip(all_vars, s, strict=True)])  # fmt: skip
     return cut, retrieval_metrics(embed_va(), y_va) if select else None
