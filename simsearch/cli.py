@@ -633,10 +633,10 @@ def train_cmd(
         str,
         typer.Option(
             "--unfreeze",
-            help="finetune: least share of weights trained; a comma list or auto tries each "
-            "and keeps the best on held-out labels.",
+            help="finetune: least share of weights trained (0.25: Lite0's last block); a comma list, or auto "
+            "(0.25,0.5), tries each cut and keeps the best on held-out labels.",
         ),
-    ] = "0.25",
+    ] = "auto",
     views: Annotated[int, typer.Option("--views", min=1, help="finetune: cached views per image.")] = 4,
     head_views: Annotated[
         int, typer.Option("--head-views", min=0, help="head: augmented views per image (features cached).")

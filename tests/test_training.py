@@ -307,7 +307,7 @@ def test_finetune_trains_the_last_block_and_keeps_the_best(labelled: Path, tmp_p
     assert cut == "block14_add"  # the last block and the head conv are trained
     x = bb.preprocess(np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8))
     assert np.allclose(np.asarray(upper(lower(x))), np.asarray(bb.model(x)), atol=1e-5)
-    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=1, views=2, seed=1)
+    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=1, views=2, seed=1, unfreeze=0.25)
     t = res.manifest["training"]
     assert t["mode"] == "finetune" and t["cut"] == "block14_add"
     phases = [h["phase"] for h in res.history]

@@ -90,7 +90,7 @@ def train(
     refit: bool = True,
     whiten: float = 1.0,
     augment: str = "light",
-    unfreeze: float | str = 0.25,
+    unfreeze: float | str = "auto",
     head_views: int = 0,
     tta: str = DEFAULT_TTA,
 ) -> TrainResult:
