@@ -460,3 +460,16 @@ def test_unfreeze_auto_tries_each_cut_and_keeps_the_best_on_held_out_labels(labe
         assert res.manifest["metrics"]["val_map"] == pytest.approx(won["val_map"], abs=0.02)
     else:
         assert best["phase"] == "head" and res.chosen["cut"] is None
+
+
+def test_the_overfitting_warning_is_given_once_per_training() -> None:
+    from simsearch.training.trainer import _Loop
+
+    history: list[dict] = []
+    warnings: list[str] = []
+    for phase in ("head", "finetune@0.25", "finetune@0.5"):  # each phase (each cut) runs its own loop
+        loop = _Loop(history, lambda *a: None, warnings)
+        for val, tr in ((0.5, 0.1), (0.4, 0.2), (0.3, 0.3)):
+            history.append({"epoch": len(history) + 1, "phase": phase, "val_map": val, "train_map": tr})
+            loop._check_overfit()
+    assert len(warnings) == 1 and "epoch 3" in warnings[0]

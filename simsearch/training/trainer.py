@@ -400,6 +400,9 @@ class _HeadFit:
             v.assign(x)
 
 
+OVERFIT_WARNING = "validation mAP fell for 2 epochs while training mAP rose"
+
+
 class _Loop:
     """Epochs with early stopping on validation mAP, best-state restore, history, overfitting warning, Ctrl-C.
 
@@ -458,11 +461,12 @@ class _Loop:
         h = self.history
         if self._warned or len(h) < 3 or h[-1]["phase"] != h[-3]["phase"] or h[-3]["val_map"] is None:
             return
+        if any(w.startswith(OVERFIT_WARNING) for w in self.warnings):  # said once per training, not once per phase
+            return
         if h[-1]["val_map"] < h[-2]["val_map"] < h[-3]["val_map"] and h[-1]["train_map"] > h[-3]["train_map"]:
             self._warned = True
             self.warnings.append(
-                f"validation mAP fell for 2 epochs while training mAP rose (overfitting at epoch {h[-1]['epoch']}); "
-                "the best validation epoch is kept"
+                f"{OVERFIT_WARNING} (overfitting at epoch {h[-1]['epoch']}); the best validation epoch is kept"
             )
 
 
