@@ -706,6 +706,11 @@ def _checked_vectors(x: Any, dim: int, what: str) -> np.ndarray:
         a = a[None]
     if a.ndim != 2 or a.shape[1] != dim:
         raise BadInputError(f"{what} have shape {tuple(np.shape(x))}; this index takes (n, {dim})")
+    if a.dtype == np.float32 and len(a) == 1 and a.flags.c_contiguous:
+        with np.errstate(over="ignore", invalid="ignore"):  # huge values overflow here: the full check scales them
+            n2 = float(np.dot(a[0], a[0]))  # one query of our models' kind: finite and of unit length, checked at once
+        if abs(n2 - 1.0) < 1e-6:  # (a NaN or an infinity fails this too)
+            return a
     if not np.issubdtype(a.dtype, np.number):
         raise BadInputError(f"{what} are not numbers ({a.dtype})")
     a = np.ascontiguousarray(a, dtype=np.float32)

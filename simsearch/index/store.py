@@ -249,6 +249,11 @@ class VectorFile:
 
 
 @functools.cache
+def _seek_paths(n: int) -> str:
+    return " UNION ALL ".join(["SELECT id, path FROM images WHERE id=?"] * n)
+
+
+@functools.cache
 def _memory_share() -> int:
     """A quarter of physical memory, in bytes (1 GiB where the OS does not say)."""
     try:
@@ -596,8 +601,7 @@ class IndexStore:
         """id -> path of those of `ids` that are indexed (what a search answer needs, and no more)."""
         ids = list(ids)
         if 0 < len(ids) <= 32:  # a search's answer: one seek per id (an IN list first builds a temporary table)
-            sql = " UNION ALL ".join(["SELECT id, path FROM images WHERE id=?"] * len(ids))
-            return dict(self.conn.execute(sql, ids).fetchall())
+            return dict(self.conn.execute(_seek_paths(len(ids)), ids).fetchall())
         return dict(self._in_query("SELECT id, path FROM images WHERE id IN ({})", ids))
 
     def row_by_path(self, path: str) -> Row | None:
