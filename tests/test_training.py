@@ -444,7 +444,7 @@ def test_unfreeze_auto_tries_each_cut_and_keeps_the_best_on_held_out_labels(labe
     for bad in ("1.5", "x", "0.2,0"):
         with pytest.raises(BadInputError, match="unfreeze"):
             unfreeze_shares(bad)
-    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=2, views=2, seed=1,
+    res = train(labelled, tmp_path / "ft", **BASE, mode="finetune", dim=32, epochs=1, views=2, seed=1,
                 unfreeze="auto")  # fmt: skip
     tried = res.chosen["cuts_tried"]
     assert [t["unfreeze"] for t in tried] == [0.25, 0.5] and tried[0]["cut"] != tried[1]["cut"]
