@@ -665,18 +665,17 @@ class IndexStore:
         # one structure's answer names each id once per query; merged answers may repeat one
         merged = cand[0] if len(cand) == 1 else np.concatenate(cand, axis=1)
         scores, ids = self._rescore(q, merged, want, (count, top), distinct=len(cand) == 1)
-        if ids[:, -1].min() >= 0:  # short answers are padded at the end
+        short = ids[:, -1] < 0  # short answers are padded at the end
+        if not short.any():
             return scores, ids
-        short = (ids < 0).any(axis=1)
-        if short.any():  # near small lists: look 8x further before scanning everything
-            from .ann import wider_params
+        from .ann import wider_params
 
-            wider = wider_params(index, param)
-            if wider is not None:
-                more = [c[short] for c in cand]
-                more.append(index.search(q[short], fetch, params=wider)[1])
-                scores[short], ids[short] = self._rescore(q[short], np.concatenate(more, axis=1), want)
-                short = (ids < 0).any(axis=1)
+        wider = wider_params(index, param)  # near small lists: look 8x further before scanning everything
+        if wider is not None:
+            more = [c[short] for c in cand]
+            more.append(index.search(q[short], fetch, params=wider)[1])
+            scores[short], ids[short] = self._rescore(q[short], np.concatenate(more, axis=1), want)
+            short = ids[:, -1] < 0
         if short.any():  # a structure can miss rows when few are left: an exact pass fills those queries
             full = self._scan(q[short], 0, n_slots, want + self._dead_in(0, n_slots))
             scores[short], ids[short] = self._rescore(q[short], full, want)
@@ -746,20 +745,19 @@ class IndexStore:
             live = flat[(flat >= 1) & (flat <= top)]
         else:
             live = np.array(sorted(self._live(flat.tolist())), np.int64)
-        if len(q) == 1 and len(live) >= k:  # one query (the common case): its candidates are exactly `live`
+        if len(q) == 1:  # one query (the common case): its candidates are exactly `live`
             s = self.vectors_file.read(live) @ q[0]
-            best = np.lexsort((live, -s))[:k]  # ties by id, as the general path's sorted candidates give
-            return s[best][None], live[best][None]
+            best = np.lexsort((live, -s))[:k]  # ties by id, as the batch path's sorted candidates give
+            if len(best) == k:
+                return s[best][None], live[best][None]
         scores = np.full((len(q), k), -np.inf, np.float32)
         ids = np.full((len(q), k), -1, np.int64)
+        if len(q) == 1:  # fewer candidates than k: padded
+            scores[0, : len(best)], ids[0, : len(best)] = s[best], live[best]
+            return scores, ids
         if len(live) == 0:
             return scores, ids
         vecs = self.vectors_file.read(live)
-        if len(q) == 1:
-            s = vecs @ q[0]
-            best = np.argsort(-s, kind="stable")[:k]
-            scores[0, : len(best)], ids[0, : len(best)] = s[best], live[best]
-            return scores, ids
         pos = np.searchsorted(live, np.clip(cand, 0, None))
         pos = np.clip(pos, 0, len(live) - 1)
         ok = (cand >= 0) & (live[pos] == cand)
