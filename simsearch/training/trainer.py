@@ -225,7 +225,7 @@ def train(
                              weight_decay, rng, run, note, augment=augment, unfreeze=share_n, tta_views=tta_views,
                              phase=phase)  # fmt: skip
 
-        cut, bb, ft_metrics, share, tried = _choose_cut(bb, spec, shares, fitter, state, history, warnings, note, tune)
+        cut, bb, ft_metrics, share, tried = _choose_cut(bb, spec, shares, fitter, state, tune)
         lap("finetune")
     timings["select"] = round(timings.get("head", 0.0) + timings.get("finetune", 0.0), 2)
     best = state.best_entry()
@@ -414,7 +414,6 @@ class _Loop:
         self.history, self.note, self.warnings, self.select = history, note, warnings, select
         self.interrupted = False
         self.best_map = -1.0
-        self._warned = False
 
     def best_entry(self) -> dict[str, Any]:
         good = [h for h in self.history if h.get("best")]
@@ -459,19 +458,17 @@ class _Loop:
 
     def _check_overfit(self) -> None:
         h = self.history
-        if self._warned or len(h) < 3 or h[-1]["phase"] != h[-3]["phase"] or h[-3]["val_map"] is None:
+        if len(h) < 3 or h[-1]["phase"] != h[-3]["phase"] or h[-3]["val_map"] is None:
             return
         if any(w.startswith(OVERFIT_WARNING) for w in self.warnings):  # said once per training, not once per phase
             return
         if h[-1]["val_map"] < h[-2]["val_map"] < h[-3]["val_map"] and h[-1]["train_map"] > h[-3]["train_map"]:
-            self._warned = True
             self.warnings.append(
                 f"{OVERFIT_WARNING} (overfitting at epoch {h[-1]['epoch']}); the best validation epoch is kept"
             )
 
 
 def _choose_cut(bb: Any, spec: Any, shares: tuple[float, ...], fitter: _HeadFit, state: _Loop,
-                history: list[dict[str, Any]], warnings: list[str], note: TrainProgress,
                 tune: Callable[[Any, _Loop, float, str], tuple[str, Any]]
                 ) -> tuple[str | None, Any, Any, float, list[dict[str, Any]]]:  # fmt: skip
     """Fine-tune from each share's cut in turn and keep the best on held-out labels.
@@ -483,6 +480,7 @@ def _choose_cut(bb: Any, spec: Any, shares: tuple[float, ...], fitter: _HeadFit,
     """
     from .finetune import split_backbone
 
+    history = state.history
     start, head_best = fitter.get(), state.best_map
     kept: dict[str, tuple] = {}
     tried: list[dict[str, Any]] = []
@@ -496,7 +494,7 @@ def _choose_cut(bb: Any, spec: Any, shares: tuple[float, ...], fitter: _HeadFit,
             phase = "finetune" if len(shares) == 1 else f"finetune@{share_n:g}"
             fitter.put(start)
             bb_n = bb if not kept else spec.build()  # the first cut trains `bb` (restored if the head wins)
-            run = _Loop(history, note, warnings)
+            run = _Loop(history, state.note, state.warnings)
             run.best_map = head_best  # a cut counts only when it beats the head
             cut_n, m_n = tune(bb_n, run, share_n, phase)
             best_n = run.best_map if any(h["phase"] == phase and h["best"] for h in history) else None
